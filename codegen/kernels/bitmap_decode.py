@@ -1,0 +1,51 @@
+"""Shared Triton device functions: expand one chunk of the bitmap format into a dense register tile.
+
+Both kernel families (tensor-core and GEMV) call `decode_bitmap_tile`; it is the only place that knows the
+format's layout (see codegen/formats/bitmap.py).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def popcount(words, HW_POPC: tl.constexpr):
+    """Population count of uint32 lanes: one POPC instruction on the GPU, SWAR bit tricks in the interpreter."""
+    if HW_POPC:
+        return tl.extra.cuda.libdevice.popc(words)
+    else:
+        words = words - ((words >> 1) & 0x55555555)
+        words = (words & 0x33333333) + ((words >> 2) & 0x33333333)
+        words = (words + (words >> 4)) & 0x0F0F0F0F
+        return ((words * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def decode_bitmap_tile(
+    bitmap_ptr, offsets_ptr, values_ptr, chunk, rows, N, row_limit,
+    CHUNK_K: tl.constexpr, BLOCK_N: tl.constexpr, HW_POPC: tl.constexpr,
+):
+    """Dense tile W[rows, chunk*CHUNK_K : (chunk+1)*CHUNK_K] as a [BLOCK_N, CHUNK_K] register tensor.
+
+    rank of element (n, j) in the packed values = offsets[chunk, n]              (row start, from the format)
+                                                + sum of popc of the row's earlier words  (cumsum, per word)
+                                                + popc(word & bits below j)              (per element)
+    Rows >= row_limit decode to zeros (row_limit is N, or 0 for a chunk past the end of a split).  The per-word work is shared by 32 elements; per element it is an AND, a POPC,
+    an ADD, a bit test and one (L1-hitting, coalesced) gather load.
+    """
+    WORDS: tl.constexpr = CHUNK_K // 32
+    row_ok = rows < row_limit
+    word_ids = tl.arange(0, WORDS)
+    # words: [BLOCK_N, WORDS], contiguous over (row, word) for one chunk
+    words = tl.load(bitmap_ptr + (chunk * N + rows)[:, None] * WORDS + word_ids[None, :],
+                    mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)
+    counts = popcount(words, HW_POPC)
+    word_start = tl.load(offsets_ptr + chunk * N + rows, mask=row_ok, other=0)[:, None] + tl.cumsum(counts, 1) - counts
+
+    # Broadcast per-word data to per-element [BLOCK_N, CHUNK_K].
+    words_e = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, WORDS, 32)), (BLOCK_N, CHUNK_K))
+    start_e = tl.reshape(tl.broadcast_to(word_start[:, :, None], (BLOCK_N, WORDS, 32)), (BLOCK_N, CHUNK_K))
+    lane = (tl.arange(0, CHUNK_K) % 32).to(tl.uint32)
+    bit = (tl.full((CHUNK_K,), 1, tl.uint32) << lane)[None, :]  # [1, CHUNK_K], loop invariant
+    rank = start_e + popcount(words_e & (bit - 1), HW_POPC)
+    return tl.load(values_ptr + rank, mask=(words_e & bit) != 0, other=0.0)

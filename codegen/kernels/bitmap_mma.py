@@ -1,0 +1,93 @@
+"""Tensor-core kernel: decode a bitmap chunk to a dense tile in registers, then tl.dot ("load as sparse,
+compute as dense", Flash-LLM).  Y^T[N, M] = W[N, K] @ X^T[K, M]: weight rows are the MMA's big dimension,
+tokens the skinny one (padded to 16 in registers only)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
+from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting, split_k_plan
+
+
+def get_bitmap_mma_configs(m: int) -> list[TileConfig]:
+    """Tuning space for M tokens: BLOCK_M covers M (>= 16 for the MMA), the rest is searched."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    return [
+        TileConfig("mma", block_n, block_m, split_k, num_warps, num_stages)
+        for block_n in (64, 128)
+        for split_k in (1, 2, 4, 8)
+        for num_warps, num_stages in ((4, 2), (4, 3), (8, 3))
+    ]
+
+
+@triton.jit
+def _bitmap_mma_kernel(
+    # pointers
+    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, out_ptr,
+    # sizes and strides
+    M, N, K, stride_xm, stride_om, stride_os, chunks_per_split, num_chunks,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, CHUNK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HW_POPC: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    """out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]); program (pid_n, pid_s, pid_m) covers rows
+    [pid_n*BLOCK_N, +BLOCK_N), tokens [pid_m*BLOCK_M, +BLOCK_M) and chunks of split pid_s.
+    With SPLIT_K > 1 it writes fp32 partials out[pid_s, m, n] instead."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    cols = tl.arange(0, CHUNK_K)  # [CHUNK_K]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # Fixed trip count (the last split may run past the end: those chunks decode to zeros and read x as 0).
+    for i in range(0, chunks_per_split):
+        chunk = pid_s * chunks_per_split + i
+        row_limit = tl.where(chunk < num_chunks, N, 0)
+        w = decode_bitmap_tile(bitmap_ptr, offsets_ptr, values_ptr, chunk, rows, N, row_limit,
+                               CHUNK_K, BLOCK_N, HW_POPC)
+        k_idx = chunk * CHUNK_K + cols
+        # xt: [CHUNK_K, BLOCK_M] = X^T tile; padded tokens / columns read as 0
+        xt = tl.load(x_ptr + toks[None, :] * stride_xm + k_idx[:, None],
+                     mask=(toks[None, :] < M) & (k_idx[:, None] < K), other=0.0)
+        if FP32_DOT:
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(w, xt)
+    out_mask = (rows[:, None] < N) & (toks[None, :] < M)
+    out_offs = pid_s * stride_os + toks[None, :] * stride_om + rows[:, None]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + out_offs, acc, mask=out_mask)
+
+
+def bitmap_mma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
+    """x: [M, K] -> [M, N] with the tensor-core kernel. Checks, allocates, launches; nothing else."""
+    check_launch(x, fmt, bias)
+    x = x.contiguous()
+    m = x.shape[0]
+    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
+    if split_k == 1:
+        out = torch.empty((m, fmt.n), device=x.device, dtype=x.dtype)
+    else:
+        out = torch.empty((split_k, m, fmt.n), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return out if split_k == 1 else out.sum(0).to(x.dtype)
+    grid = (triton.cdiv(fmt.n, config.block_n), split_k, triton.cdiv(m, config.block_m))
+    _bitmap_mma_kernel[grid](
+        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
+        m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, CHUNK_K=fmt.chunk_k,
+        BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
+        # fp32 must not silently become tf32; the interpreter's bf16 dot is wrong (numpy has no bf16), so it
+        # upcasts there too. On the GPU, fp16/bf16 use the native tensor-core dot.
+        FP32_DOT=x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16), num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out if split_k == 1 else finish_split_k(out, bias, x.dtype)

@@ -1,0 +1,1 @@
+"""flashllm_compile: a torch.compile backend for unstructured-sparse LLM linears."""
