@@ -12,7 +12,7 @@ import triton.language as tl
 def popcount(words, HW_POPC: tl.constexpr):
     """Population count of uint32 lanes: one POPC instruction on the GPU, SWAR bit tricks in the interpreter."""
     if HW_POPC:
-        return tl.extra.cuda.libdevice.popc(words)
+        return tl.extra.cuda.libdevice.popc(words.to(tl.int32, bitcast=True))
     else:
         words = words - ((words >> 1) & 0x55555555)
         words = (words & 0x33333333) + ((words >> 2) & 0x33333333)

@@ -1,0 +1,168 @@
+"""Pick the implementation of one sparse linear per (shape, density, M bucket) by measuring it on the GPU.
+
+FlashDecoding++-style dispatch: for a given M the candidates are the GEMV kernel (M <= 8), the tensor-core
+kernel, and dense cuBLAS (when the dense weight is kept).  Each is timed with `triton.testing.do_bench`
+(medians, L2 flushed between runs, so weights come from HBM as in a real decode step); the fastest wins, so a
+sparse kernel that is slower than dense is never chosen.  Results persist in a JSON file keyed by GPU name,
+torch/triton versions and a hash of the kernel sources, so a second compile does not re-tune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.kernels.bitmap_gemv import GEMV_MAX_M, bitmap_gemv, get_bitmap_gemv_configs
+from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
+from flashllm_compile.codegen.kernels.common import TileConfig
+
+log = logging.getLogger(__name__)
+
+LAUNCHERS = {"mma": bitmap_mma, "gemv": bitmap_gemv}
+DENSITY_STEP = 0.05  # densities within one step share a tuning result
+MAX_M_BUCKET = 4096  # larger M reuses the 4096 decision
+TUNE_WARMUP_MS, TUNE_REP_MS = 2, 10
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The implementation picked for one key; `config` is None for dense."""
+
+    family: str  # "dense", "mma" or "gemv"
+    config: TileConfig | None
+    time_us: float  # measured time of the choice (nan when not measured)
+    dense_us: float  # measured dense time (nan when not measured / not allowed)
+
+
+def m_bucket(m: int) -> int:
+    """Next power of two >= m, capped at MAX_M_BUCKET."""
+    return min(MAX_M_BUCKET, triton.next_power_of_2(max(m, 1)))
+
+
+def default_config(m: int) -> TileConfig:
+    """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture)."""
+    if m <= GEMV_MAX_M:
+        return TileConfig("gemv", 32, triton.next_power_of_2(max(m, 1)), 4, 4, 2)
+    return TileConfig("mma", 64, min(64, max(16, triton.next_power_of_2(m))), 2 if m <= 64 else 1, 4, 3)
+
+
+def kernel_source_hash() -> str:
+    """Changes whenever a kernel template changes, so stale tuning results are not reused."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "kernels").glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _key(fmt: BitmapWeight, m: int, allow_dense: bool) -> str:
+    density = round(round(fmt.nnz / max(1, fmt.n * fmt.k) / DENSITY_STEP) * DENSITY_STEP, 2)
+    dtype = str(fmt.dtype).removeprefix("torch.")
+    return f"{dtype}:{fmt.n}x{fmt.k}:ck{fmt.chunk_k}:d{density}:m{m_bucket(m)}:dense{int(allow_dense)}"
+
+
+class Autotuner:
+    """Process-wide cache of choices, backed by one JSON file per (GPU, versions, kernel sources)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._choices: dict[str, Choice] = {}
+        self._loaded_files: set[Path] = set()
+        self.hits = 0  # lookups answered from memory or disk
+        self.tunings = 0  # keys measured in this process
+
+    def cache_file(self, cache_dir: str, device: torch.device) -> Path:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        tag = f"{name}-torch{torch.__version__}-triton{triton.__version__}-{kernel_source_hash()}"
+        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in tag)
+        return Path(cache_dir) / f"autotune-{safe}.json"
+
+    def _load(self, path: Path) -> None:
+        if path in self._loaded_files:
+            return
+        self._loaded_files.add(path)
+        if not path.exists():
+            return
+        try:
+            for key, raw in json.loads(path.read_text()).items():
+                config = TileConfig(*raw["config"]) if raw["config"] else None
+                self._choices.setdefault(key, Choice(raw["family"], config, raw["time_us"], raw["dense_us"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"flashllm: ignoring unreadable autotune cache {path}: {e}", stacklevel=2)
+
+    def _save(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = {k: {**asdict(c), "config": list(c.config) if c.config else None} for k, c in self._choices.items()}
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        except OSError as e:
+            warnings.warn(f"flashllm: could not write autotune cache {path}: {e}", stacklevel=2)
+
+    def choose(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | None, *, allow_dense: bool,
+               tune: bool, cache_dir: str) -> Choice:
+        """The implementation to run for M tokens. Tunes on first sight of a key, unless `tune` is False or a
+        CUDA graph is being captured (then the untuned default)."""
+        key = _key(fmt, m, allow_dense)
+        with self._lock:
+            path = self.cache_file(cache_dir, fmt.values.device)
+            self._load(path)
+            if key in self._choices:
+                self.hits += 1
+                return self._choices[key]
+            if not tune or torch.cuda.is_current_stream_capturing():
+                if allow_dense:
+                    return Choice("dense", None, float("nan"), float("nan"))
+                return Choice(default_config(m).family, default_config(m), float("nan"), float("nan"))
+            choice = self._measure(fmt, m, dense_weight if allow_dense else None)
+            self._choices[key] = choice
+            self.tunings += 1
+            self._save(path)
+            log.info("flashllm autotune %s -> %s", key, choice)
+            return choice
+
+    def _measure(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | None) -> Choice:
+        m = m_bucket(m)
+        x = torch.randn(m, fmt.k, device=fmt.values.device, dtype=fmt.dtype)
+        timings: list[tuple[float, str, TileConfig | None]] = []
+        dense_us = float("nan")
+        if dense_weight is not None:
+            dense_us = _bench(lambda: torch.nn.functional.linear(x, dense_weight))
+            timings.append((dense_us, "dense", None))
+        for config in get_bitmap_gemv_configs(m) + get_bitmap_mma_configs(m):
+            try:
+                t = _bench(lambda c=config: LAUNCHERS[c.family](x, fmt, None, c))
+            except Exception as e:  # e.g. a config needing more shared memory than this GPU has
+                log.debug("flashllm autotune: %s failed: %s", config.short(), e)
+                continue
+            timings.append((t, config.family, config))
+        if not timings:
+            raise RuntimeError(f"flashllm: no kernel config could run for {fmt.n}x{fmt.k}, M={m}")
+        best = min(timings, key=lambda t: t[0])
+        return Choice(best[1], best[2], best[0], dense_us)
+
+    def clear(self, cache_dir: str | None = None) -> None:
+        """Forget all choices in memory, and delete the cache files under `cache_dir` if given."""
+        with self._lock:
+            self._choices.clear()
+            self._loaded_files.clear()
+            if cache_dir is not None:
+                for path in Path(cache_dir).glob("autotune-*.json"):
+                    path.unlink(missing_ok=True)
+
+
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, return_mode="median") * 1e3
+
+
+AUTOTUNER = Autotuner()

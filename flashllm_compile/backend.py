@@ -1,0 +1,36 @@
+"""The TorchDynamo backend `flashllm`: rewrite sparse linears, hand the whole graph to Inductor.
+
+Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so
+`torch.compile(model, backend="flashllm")` works without importing this package, and importing it does not
+register the name a second time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from flashllm_compile import ops
+from flashllm_compile.options import FlashLLMOptions
+from flashllm_compile.passes.rewrite_sparse_linear import rewrite_sparse_linears
+
+
+def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None,
+                     options: FlashLLMOptions | dict[str, Any] | None = None):
+    """TorchDynamo backend: `(gm, example_inputs, mode=, options=)` -> compiled callable.
+
+    Weights reach it as placeholders whose example input is the real nn.Parameter (default Dynamo) or as
+    get_attr nodes (Inductor freezing); both are handled by the detection pass.  `mode` (or options["mode"],
+    since torch.compile refuses mode and options together) is forwarded to Inductor, e.g. "reduce-overhead"
+    for CUDA graphs."""
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    opts = FlashLLMOptions.from_any(options)
+    ops.RUNTIME.update(autotune=opts.autotune, cache_dir=opts.cache_dir)
+    rewrite_sparse_linears(gm, example_inputs, opts)
+    mode = mode or opts.mode
+    config_patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_config}
+    return compile_fx(gm, example_inputs, config_patches=config_patches)

@@ -1,0 +1,77 @@
+"""User options of the flashllm backend: `torch.compile(model, backend="flashllm", options={...})`."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class KernelPreference(str, enum.Enum):
+    """Which implementation a rewritten linear runs.
+
+    AUTO      measured choice per shape on CUDA (GEMV / tensor-core sparse kernel / dense cuBLAS, whichever is
+              fastest; never a slower sparse kernel); on CPU the EMULATED path.
+    TRITON    always our Triton sparse kernel (CUDA, or CPU under TRITON_INTERPRET=1).
+    DENSE     the original dense op on the original weight (the rewrite still happens; useful to compare).
+    EMULATED  decode the compressed weight to dense with plain torch ops, then F.linear: a reference that
+              runs anywhere and exercises the format.
+    """
+
+    AUTO = "auto"
+    TRITON = "triton"
+    DENSE = "dense"
+    EMULATED = "emulated"
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FLASHLLM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "flashllm_compile"))
+
+
+@dataclass
+class FlashLLMOptions:
+    """Options of `backend="flashllm"` (pass as a dict: `options={"min_sparsity": 0.6}`).
+
+    min_sparsity       rewrite a linear only if at least this fraction of its weight is exactly zero.
+    min_weight_numel   skip weights with fewer elements (compression and a launch are not worth it).
+    kernel             a KernelPreference or its string value.
+    autotune           measure tile configs (and dense) per shape on the GPU; off: dense where the dense weight
+                       is kept, else a default sparse tile config.
+    cache_dir          where autotune results are stored (default $FLASHLLM_CACHE_DIR or ~/.cache/flashllm_compile).
+    chunk_k            columns per chunk of the bitmap format (multiple of 32).
+    release_dense_weights  do not keep the dense weight in the compiled graph (no dense fallback; the sparse
+                       kernel runs for every M). See `flashllm_compile.sparsify_` to also free the parameters.
+    mode               Inductor mode to forward (torch.compile refuses `mode` and `options` together).
+    inductor_config    extra Inductor config patches.
+    """
+
+    min_sparsity: float = 0.5
+    min_weight_numel: int = 4096
+    kernel: KernelPreference = KernelPreference.AUTO
+    autotune: bool = True
+    cache_dir: str = field(default_factory=default_cache_dir)
+    chunk_k: int = 128
+    release_dense_weights: bool = False
+    mode: str | None = None
+    inductor_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kernel = KernelPreference(self.kernel)
+        if not 0.0 <= self.min_sparsity <= 1.0:
+            raise ValueError(f"min_sparsity must be in [0, 1], got {self.min_sparsity}")
+        if self.chunk_k <= 0 or self.chunk_k % 32:
+            raise ValueError(f"chunk_k must be a positive multiple of 32, got {self.chunk_k}")
+
+    @classmethod
+    def from_any(cls, options: FlashLLMOptions | dict[str, Any] | None) -> FlashLLMOptions:
+        if options is None:
+            return cls()
+        if isinstance(options, cls):
+            return options
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown flashllm option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**options)
