@@ -120,7 +120,8 @@ class Autotuner:
             if key in self._choices:
                 self.hits += 1
                 return self._choices[key]
-            if not tune or torch.cuda.is_current_stream_capturing():
+            capturing = fmt.values.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not tune or capturing:
                 if allow_dense:
                     return Choice("dense", None, float("nan"), float("nan"))
                 return Choice(default_config(m).family, default_config(m), float("nan"), float("nan"))

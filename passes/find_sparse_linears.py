@@ -53,8 +53,8 @@ class LinearMatch:
 
 
 def clean_source_name(source_name: str) -> str:
-    """"L['self'].model.layers[0]._modules['mlp']._parameters['weight']" -> "model.layers.0.mlp.weight"."""
-    name = re.sub(r"^(L|G)\['[^']+'\]\.?", "", source_name)
+    """"L['self']._modules['layers']._modules['0']._parameters['weight']" -> "layers.0.weight"."""
+    name = re.sub(r"^(L|G)\['[^']+'\]", "", source_name)
     name = re.sub(r"\._(modules|parameters|buffers)\['([^']+)'\]", r".\2", name)
     name = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", name)
     return name.strip(".") or source_name

@@ -1,0 +1,84 @@
+"""Autotuner: picks the fastest measured candidate (dense included), caches on disk, survives bad cache files."""
+
+import json
+
+import pytest
+import torch
+
+import flashllm_compile.codegen.autotune as autotune
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+
+
+@pytest.fixture
+def fmt():
+    w = torch.randn(40, 70).masked_fill(torch.rand(40, 70) < 0.8, 0).half()
+    return BitmapWeight.from_dense(w, 32), w
+
+
+def fake_bench(times):
+    """Replace do_bench: run the candidate once (proves it runs) and return a chosen time per family."""
+    calls = []
+
+    def bench(fn):
+        calls.append(fn())
+        return times(len(calls))
+
+    return bench, calls
+
+
+def test_fastest_sparse_config_wins_and_is_cached(fmt, tmp_path, monkeypatch):
+    fmt, w = fmt
+    bench, calls = fake_bench(lambda i: 100.0 if i == 1 else 50.0 - 0.01 * i)  # 1st call = dense
+    monkeypatch.setattr(autotune, "_bench", bench)
+    tuner = autotune.Autotuner()
+    choice = tuner.choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    n_candidates = len(autotune.get_bitmap_gemv_configs(4) + autotune.get_bitmap_mma_configs(4)) + 1
+    assert len(calls) == n_candidates and tuner.tunings == 1
+    assert choice.family == "mma" and choice.dense_us == 100.0  # the last candidate was the fastest
+    # same bucket (M=4), second process: answered from disk, nothing measured
+    again = autotune.Autotuner()
+    assert again.choose(fmt, 4, w, allow_dense=True, tune=True, cache_dir=str(tmp_path)) == choice
+    assert again.hits == 1 and again.tunings == 0 and len(calls) == n_candidates
+
+
+def test_dense_wins_when_sparse_is_slower(fmt, tmp_path, monkeypatch):
+    fmt, w = fmt
+    bench, _ = fake_bench(lambda i: 10.0 if i == 1 else 11.0)
+    monkeypatch.setattr(autotune, "_bench", bench)
+    choice = autotune.Autotuner().choose(fmt, 16, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    assert choice.family == "dense" and choice.config is None
+
+
+def test_untuned_defaults(fmt, tmp_path):
+    fmt, w = fmt
+    tuner = autotune.Autotuner()
+    assert tuner.choose(fmt, 2, w, allow_dense=True, tune=False, cache_dir=str(tmp_path)).family == "dense"
+    assert tuner.choose(fmt, 2, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "gemv"
+    assert tuner.choose(fmt, 40, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "mma"
+
+
+def test_corrupt_cache_warns_and_retunes(fmt, tmp_path, monkeypatch):
+    fmt, w = fmt
+    tuner = autotune.Autotuner()
+    path = tuner.cache_file(str(tmp_path), fmt.values.device)
+    path.write_text("{not json")
+    bench, calls = fake_bench(lambda i: 1.0)
+    monkeypatch.setattr(autotune, "_bench", bench)
+    with pytest.warns(UserWarning, match="unreadable autotune cache"):
+        tuner.choose(fmt, 1, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    assert calls and json.loads(path.read_text())  # rewritten as valid JSON
+
+
+def test_clear_removes_files(fmt, tmp_path, monkeypatch):
+    fmt, w = fmt
+    monkeypatch.setattr(autotune, "_bench", fake_bench(lambda i: 1.0)[0])
+    tuner = autotune.Autotuner()
+    tuner.choose(fmt, 1, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    assert list(tmp_path.glob("autotune-*.json"))
+    tuner.clear(str(tmp_path))
+    assert not list(tmp_path.glob("autotune-*.json"))
+
+
+def test_m_buckets():
+    assert [autotune.m_bucket(m) for m in (0, 1, 2, 3, 5, 9, 33, 64, 65, 10000)] == [1, 1, 2, 4, 8, 16, 64, 64, 128,
+                                                                                      4096]

@@ -1,0 +1,64 @@
+"""Bitmap format: exact round trip for any shape / sparsity / dtype, and the byte accounting."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+
+
+def random_sparse(n, k, sparsity, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    return w.masked_fill(torch.rand(n, k, generator=g) < sparsity, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 300), sparsity=st.floats(0, 1), chunk_k=st.sampled_from([32, 64, 128]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**16))
+def test_round_trip_exact(n, k, sparsity, chunk_k, dtype, seed):
+    w = random_sparse(n, k, sparsity, dtype, seed)
+    fmt = BitmapWeight.from_dense(w, chunk_k)
+    assert fmt.nnz == int((w != 0).sum())
+    assert fmt.bitmap.shape == (-(-k // chunk_k), n, chunk_k // 32)
+    assert fmt.offsets[-1].item() == fmt.nnz
+    assert torch.equal(fmt.to_dense(), w)
+
+
+def test_nan_inf_and_negative_zero_kept_exactly():
+    w = random_sparse(8, 40, 0.5, torch.float32)
+    w[0, 1], w[1, 2], w[2, 3], w[3, 4] = float("nan"), float("inf"), -float("inf"), -0.0
+    dense = BitmapWeight.from_dense(w).to_dense()
+    assert torch.equal(torch.isnan(dense), torch.isnan(w))
+    assert torch.equal(dense.nan_to_num(0), w.nan_to_num(0))
+
+
+@pytest.mark.parametrize("sparsity, max_ratio", [(0.5, 0.59), (0.8, 0.29), (0.9, 0.19)])
+def test_bytes_follow_1_plus_16_density_bits(sparsity, max_ratio):
+    w = random_sparse(512, 1024, sparsity)
+    fmt = BitmapWeight.from_dense(w)
+    # bitmap 1 bit + offsets 32/128 bits + 16*density bits per element, over 16 bits dense
+    expected = (1 + 32 / 128 + 16 * (1 - sparsity)) / 16
+    assert fmt.nbytes / w.nbytes == pytest.approx(expected, rel=0.03)
+    assert fmt.nbytes / w.nbytes < max_ratio
+
+
+def test_values_are_chunk_major():
+    w = torch.zeros(2, 64)
+    w[0, 40], w[1, 1], w[0, 2] = 1.0, 2.0, 3.0
+    fmt = BitmapWeight.from_dense(w, chunk_k=32)
+    # chunk 0: row 0 (col 2) then row 1 (col 1); chunk 1: row 0 (col 40)
+    assert fmt.values.tolist() == [3.0, 2.0, 1.0]
+    assert fmt.offsets.tolist() == [0, 1, 2, 3, 3]
+
+
+@pytest.mark.parametrize("bad, match", [(torch.zeros(3), "2-D"), (torch.zeros(2, 2, dtype=torch.int32), "floating")])
+def test_bad_input_raises(bad, match):
+    with pytest.raises(ValueError, match=match):
+        BitmapWeight.from_dense(bad)
+
+
+def test_bad_chunk_raises():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        BitmapWeight.from_dense(torch.ones(2, 2), chunk_k=48)
