@@ -1,14 +1,24 @@
-"""Shared test setup: every test starts with a fresh Dynamo cache, empty counters and a fixed seed."""
+"""Shared test setup.
+
+TRITON_INTERPRET=1 lets the Triton kernels run on CPU (tests/test_kernels.py); it must be set before triton is
+imported. Every test starts with a fresh Dynamo cache, empty flashllm counters / kernel hits and a fixed seed.
+"""
 
 from __future__ import annotations
 
-import pytest
-import torch
-import torch._dynamo
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo_state():
+    import torch._dynamo
+    import torch._dynamo.utils
+
     import flashllm_compile.ops
 
     torch._dynamo.reset()
