@@ -32,7 +32,7 @@ def test_fastest_sparse_config_wins_and_is_cached(fmt, tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "_bench", bench)
     tuner = autotune.Autotuner()
     choice = tuner.choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
-    n_candidates = len(autotune.get_bitmap_gemv_configs(4) + autotune.get_bitmap_mma_configs(4)) + 1
+    n_candidates = len(autotune.candidate_configs(4)) + 1
     assert len(calls) == n_candidates and tuner.tunings == 1
     assert choice.family == "mma" and choice.dense_us == 100.0  # the last candidate was the fastest
     # same bucket (M=4), second process: answered from disk, nothing measured
@@ -53,7 +53,7 @@ def test_untuned_defaults(fmt, tmp_path):
     fmt, w = fmt
     tuner = autotune.Autotuner()
     assert tuner.choose(fmt, 2, w, allow_dense=True, tune=False, cache_dir=str(tmp_path)).family == "dense"
-    assert tuner.choose(fmt, 2, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "gemv"
+    assert tuner.choose(fmt, 2, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "walk"
     assert tuner.choose(fmt, 40, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "mma"
 
 

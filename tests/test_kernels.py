@@ -8,9 +8,11 @@ import os
 import pytest
 import torch
 
+from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
+from flashllm_compile.codegen.kernels.bitmap_walk import bitmap_walk, get_bitmap_walk_configs
 from flashllm_compile.codegen.kernels.common import TileConfig
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -67,14 +69,26 @@ def test_gemv_matches_dense(n, k, m, sparsity, dtype):
         assert rel_err(y, ref) < TOL[dtype], config
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("n, k, sparsity", [(70, 200, 0.8), (33, 300, 0.5), (16, 64, 0.0)])
+def test_walk_matches_dense(n, k, m, sparsity, dtype):
+    w, x, b, ref = make_case(n, k, m, sparsity, dtype)
+    fmt = BitmapWeight.from_dense(w, chunk_k=64)
+    for split_k in (1, 2):
+        config = get_bitmap_walk_configs(m)[0]._replace(split_k=split_k)
+        y = bitmap_walk(x, fmt, b, config)
+        assert rel_err(y, ref) < TOL[dtype], config
+
+
 def test_every_tuned_config_is_correct_on_an_odd_shape():
     """The autotuner may pick any config: each one must be right (odd N, K not a multiple of the chunk)."""
     w, x, b, ref = make_case(37, 161, 5, 0.7, torch.float16, bias=False)
     fmt = BitmapWeight.from_dense(w, chunk_k=32)
-    configs = get_bitmap_gemv_configs(5) + get_bitmap_mma_configs(5)
-    assert {c.family for c in configs} == {"gemv", "mma"}
+    configs = candidate_configs(5)
+    assert {c.family for c in configs} == {"gemv", "mma", "walk"}
     for config in configs:
-        launch = bitmap_gemv if config.family == "gemv" else bitmap_mma
+        launch = LAUNCHERS[config.family]
         assert rel_err(launch(x, fmt, b, config), ref) < 1e-2, config
 
 
@@ -98,7 +112,8 @@ def test_nan_in_input_propagates_like_dense():
 
 
 @pytest.mark.parametrize("launch, config", [(bitmap_mma, TileConfig("mma", 64, 16, 1, 4, 2)),
-                                            (bitmap_gemv, TileConfig("gemv", 16, 4, 1, 4, 2))])
+                                            (bitmap_gemv, TileConfig("gemv", 16, 4, 1, 4, 2)),
+                                            (bitmap_walk, TileConfig("walk", 16, 4, 1, 4, 1))])
 def test_bad_inputs_raise_clearly(launch, config):
     w, x, b, _ = make_case(16, 64, 2, 0.5, torch.float16)
     fmt = BitmapWeight.from_dense(w, 32)
