@@ -18,11 +18,10 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import ROTATIONS, gpu_info, graph_time_us  # noqa: E402
-
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight  # noqa: E402
-from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs  # noqa: E402
-from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs  # noqa: E402
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs
+from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
+from timing import ROTATIONS, gpu_info, graph_time_us
 
 LAUNCHERS = {"mma": bitmap_mma, "gemv": bitmap_gemv}
 
@@ -47,9 +46,9 @@ def sweep_point(n, k, m, sparsity, dtype, chunk_ks, log):
             launch = LAUNCHERS[cfg.family]
             try:
                 err = rel_err(launch(x, fmts[0], None, cfg), ref)
-                t = triton.testing.do_bench(lambda: launch(x, fmts[0], None, cfg), warmup=5, rep=20,
+                t = triton.testing.do_bench(lambda l=launch, f=fmts[0], c=cfg: l(x, f, None, c), warmup=5, rep=20,
                                             return_mode="median") * 1e3
-            except Exception as e:  # a config that fails to compile (e.g. out of shared memory) is skipped
+            except Exception as e:  # noqa: BLE001 -- a config that fails to compile (e.g. out of shared memory) is skipped
                 print(f"  {cfg.short()} CK={chunk_k}: {type(e).__name__}: {str(e)[:100]}", file=log)
                 continue
             print(f"  {n}x{k} M={m} s={sparsity} CK={chunk_k} {cfg.short()} {t:.1f}us err={err:.1e}", file=log)

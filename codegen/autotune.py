@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import triton
-
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_gemv import GEMV_MAX_M, bitmap_gemv, get_bitmap_gemv_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
@@ -149,7 +148,7 @@ class Autotuner:
         for config in candidate_configs(m):
             try:
                 t = _bench(lambda c=config: LAUNCHERS[c.family](x, fmt, None, c))
-            except Exception as e:  # e.g. a config needing more shared memory than this GPU has
+            except Exception as e:  # noqa: BLE001 -- e.g. a config needing more shared memory than this GPU has
                 log.debug("flashllm autotune: %s failed: %s", config.short(), e)
                 continue
             timings.append((t, config.family, config))

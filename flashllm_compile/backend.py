@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.fx as fx
+from torch import fx
 
 from flashllm_compile import ops
 from flashllm_compile.options import FlashLLMOptions

@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES
+from torch import fx
+
 from flashllm_compile.options import FlashLLMOptions
 
 aten = torch.ops.aten

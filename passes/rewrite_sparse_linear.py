@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.fx as fx
+from flashllm_compile.codegen.formats.cache import compress_weight, watch_weight
+from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
+from torch import fx
 from torch._dynamo.utils import counters
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
-from flashllm_compile.codegen.formats.cache import compress_weight, watch_weight
 from flashllm_compile.options import FlashLLMOptions
-from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
 from flashllm_compile.report import LinearDecision, publish
 
 log = logging.getLogger("flashllm_compile")
@@ -96,7 +96,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
             counters["flashllm"][f"skip_{match.skip_reason}"] += 1
             log.info("flashllm: %s left dense: %s", match.name, match.skip_reason)
             fmt = None
-        if match.weight.numel() and sparsity != sparsity and match.weight.device.type != "meta":
+        if fmt is None and match.weight.numel() and match.weight.device.type != "meta":
             with torch.no_grad():
                 sparsity = (match.weight == 0).sum().item() / match.weight.numel()
         publish(LinearDecision(

@@ -10,8 +10,7 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-
-import flashllm_compile.codegen.autotune as autotune
+from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
 

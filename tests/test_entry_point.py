@@ -32,7 +32,7 @@ with torch.no_grad():
 
 def run_python(code: str, cwd) -> dict:
     """Run `code` in a fresh interpreter in `cwd`; it prints one JSON line last, which is returned."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, check=False,
                           timeout=180)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs
@@ -101,7 +100,7 @@ def test_all_zero_and_fully_dense_weights():
 
 
 def test_nan_in_input_propagates_like_dense():
-    w, x, b, ref = make_case(16, 64, 2, 0.5, torch.float16, bias=False)
+    w, x, _, _ = make_case(16, 64, 2, 0.5, torch.float16, bias=False)
     x[0, 3] = float("nan")
     y = bitmap_gemv(x, BitmapWeight.from_dense(w, 32), None, TileConfig("gemv", 16, 2, 1, 4, 2))
     dense = torch.nn.functional.linear(x.float(), w.float())

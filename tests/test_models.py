@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import flashllm_compile.ops as ops
+from flashllm_compile import ops
 from flashllm_compile.prune import magnitude_prune_
 from flashllm_compile.report import record_decisions
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -106,7 +106,8 @@ def test_greedy_generate_matches_eager(name):
     model, projections, compile_kwargs = build(name)
     expected = LAYERS * len(projections)
     ids, mask = inputs()
-    gen_kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    gen_kwargs = {"attention_mask": mask, "max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False,
+                  "pad_token_id": 0}
     with torch.no_grad():
         ref = model.generate(ids, **gen_kwargs)
         model.forward = torch.compile(model.forward, **compile_kwargs)

@@ -8,17 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from flashllm_compile.codegen.formats import cache
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
-import flashllm_compile.ops as ops
+from flashllm_compile import ops
 from flashllm_compile.backend import flashllm_backend
-from flashllm_compile.codegen.formats import cache
 from flashllm_compile.report import record_decisions
 
 transformers = pytest.importorskip("transformers")
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+from transformers.pytorch_utils import Conv1D
 
 K, N = 128, 64  # weight [N, K] = 8192 elements, above the default min_weight_numel (4096)
 RTOL, ATOL = 1e-4, 1e-5

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
 from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting, split_k_plan
@@ -36,7 +35,7 @@ def _bitmap_gemv_kernel(
     # sizes and strides
     M, N, K, stride_xm, stride_om, stride_os, chunks_per_split, num_chunks,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, CHUNK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, CHUNK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for all M (<= BLOCK_M) tokens in one program.
@@ -48,7 +47,7 @@ def _bitmap_gemv_kernel(
     cols = tl.arange(0, CHUNK_K)  # [CHUNK_K]
     acc3 = tl.zeros((BLOCK_N, BLOCK_M, CHUNK_K), dtype=tl.float32)
     # Fixed trip count (the last split may run past the end: those chunks decode to zeros and read x as 0).
-    for i in range(0, chunks_per_split):
+    for i in range(chunks_per_split):
         chunk = pid_s * chunks_per_split + i
         row_limit = tl.where(chunk < num_chunks, N, 0)
         w = decode_bitmap_tile(bitmap_ptr, offsets_ptr, values_ptr, chunk, rows, N, row_limit,
@@ -61,7 +60,7 @@ def _bitmap_gemv_kernel(
     acc = tl.sum(acc3, axis=2)  # [BLOCK_N, BLOCK_M]
     out_mask = (rows[:, None] < N) & (toks[None, :] < M)
     out_offs = pid_s * stride_os + toks[None, :] * stride_om + rows[:, None]
-    if SPLIT_K == 1:
+    if not PARTIALS:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -87,7 +86,7 @@ def bitmap_gemv(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
     _bitmap_gemv_kernel[grid](
         x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
         m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, CHUNK_K=fmt.chunk_k,
+        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

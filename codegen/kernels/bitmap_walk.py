@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import popcount
 from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting, split_k_plan
@@ -42,7 +41,7 @@ def _bitmap_walk_kernel(
     # sizes and strides
     M, N, K, stride_xm, stride_om, stride_os, chunks_per_split, num_chunks,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, CHUNK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, CHUNK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     """out[m, n] = sum over nonzeros W[n, k] * x[m, k] (+ bias[n]).
@@ -58,7 +57,7 @@ def _bitmap_walk_kernel(
     word = slots % WORDS  # [SLOTS]
     toks = tl.arange(0, BLOCK_M)  # [BLOCK_M]
     acc = tl.zeros((SLOTS, BLOCK_M), dtype=tl.float32)
-    for i in range(0, chunks_per_split):
+    for i in range(chunks_per_split):
         chunk = pid_s * chunks_per_split + i
         row_ok = rows < tl.where(chunk < num_chunks, N, 0)
         words = tl.load(bitmap_ptr + (chunk * N + rows) * WORDS + word, mask=row_ok, other=0).to(tl.uint32,
@@ -69,7 +68,7 @@ def _bitmap_walk_kernel(
         inclusive = tl.reshape(tl.cumsum(tl.reshape(counts, (BLOCK_N, WORDS)), 1), (SLOTS,))
         value_ptrs = values_ptr + row_start + inclusive - counts  # [SLOTS]: the word's first value
         x_ptrs = x_ptr + chunk * CHUNK_K + word * 32  # [SLOTS]: x column of the word's bit 0 (token 0)
-        for t in range(0, tl.max(counts, 0)):
+        for t in range(tl.max(counts, 0)):
             live = words != 0
             j = popcount((words & (0 - words)) - 1, HW_POPC)  # position of the lowest set bit
             v = tl.load(value_ptrs + t, mask=live, other=0.0).to(tl.float32)
@@ -85,7 +84,7 @@ def _bitmap_walk_kernel(
     out_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = (out_rows[:, None] < N) & (toks[None, :] < M)
     out_offs = pid_s * stride_os + toks[None, :] * stride_om + out_rows[:, None]
-    if SPLIT_K == 1:
+    if not PARTIALS:
         if HAS_BIAS:
             out += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
@@ -111,7 +110,7 @@ def bitmap_walk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
     _bitmap_walk_kernel[grid](
         x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
         m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, SPLIT_K=split_k, CHUNK_K=fmt.chunk_k,
+        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
