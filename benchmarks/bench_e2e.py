@@ -55,9 +55,6 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import gpu_info
-
 # hidden, intermediate (ffn), layers, heads, vocab, max positions
 ARCHS = {
     "llama": {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "vocab": 32000, "max_pos": 4096},
@@ -73,6 +70,14 @@ GB = 1e9
 # ----------------------------------------------------------------------------------------------------------------
 # model
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def gpu_info() -> dict[str, str]:
+    """gpu, torch and triton versions, from benchmarks/timing.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from timing import gpu_info as info
+
+    return info()
 
 
 def build_model(arch: str, dims: dict, dtype: torch.dtype, device: str):
@@ -166,11 +171,12 @@ def reset_compiled_state(device: torch.device) -> None:
 
 
 def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens: int, mode: str | None,
-                 cold_compile: bool = False) -> dict:
+                 cold_cache_dir: str | None = None) -> dict:
     """Time one configuration ("eager", "inductor" or "flashllm") at one (sparsity, batch) point.
 
     Returns a dict with tokens_per_s, compile_s, weight_mem_gb, weight_mem_if_released_gb, peak_mem_gb,
-    kernel_hits, error and the generated tokens under "_tokens" (None where the configuration failed)."""
+    kernel_hits, error and the generated tokens under "_tokens" (None where the configuration failed).
+    `cold_cache_dir`: the flashllm autotune cache folder (FLASHLLM_CACHE_DIR), emptied before the compile."""
     from flashllm_compile import ops
     from flashllm_compile.report import record_decisions
 
@@ -184,12 +190,10 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
     hits_timed = collections.Counter()
     try:
         if config != "eager":
-            if cold_compile and config == "flashllm":
+            if cold_cache_dir is not None and config == "flashllm":
                 from flashllm_compile.codegen.autotune import AUTOTUNER
 
-                from flashllm_compile.options import default_cache_dir
-
-                AUTOTUNER.clear(default_cache_dir())  # a private temporary folder under --cold-compile
+                AUTOTUNER.clear(cold_cache_dir)  # forget (in memory and on disk) every earlier tuning
             kwargs = {"backend": config} if mode is None else {"backend": config, "mode": mode}
             with record_decisions() as decisions:  # filled by the flashllm compiles during the first generate
                 model.forward = torch.compile(orig_forward, **kwargs)
@@ -226,9 +230,9 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
 
 
 def bench_point(model, orig_forward, ids: torch.Tensor, new_tokens: int, mode: str | None,
-                cold_compile: bool = False) -> list[dict]:
+                cold_cache_dir: str | None = None) -> list[dict]:
     """All configurations at one (sparsity, batch) point, with speedup and token match vs inductor."""
-    results = {c: bench_config(model, orig_forward, c, ids, new_tokens, mode, cold_compile) for c in CONFIGS}
+    results = {c: bench_config(model, orig_forward, c, ids, new_tokens, mode, cold_cache_dir) for c in CONFIGS}
     ref = results["inductor"]
     for config, row in results.items():
         row["speedup_vs_inductor"] = None
@@ -241,7 +245,7 @@ def bench_point(model, orig_forward, ids: torch.Tensor, new_tokens: int, mode: s
 
 
 def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens: int, device: str = "cuda",
-        dtype: torch.dtype = torch.float16, mode: str | None = "reduce-overhead", cold_compile: bool = False,
+        dtype: torch.dtype = torch.float16, mode: str | None = "reduce-overhead", cold_cache_dir: str | None = None,
         on_point=None) -> list[dict]:
     """The whole benchmark; returns the CSV rows.  `on_point(rows)` is called after every point."""
     from flashllm_compile.prune import magnitude_prune_
@@ -264,7 +268,7 @@ def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens:
         for batch in batches:
             generator = torch.Generator().manual_seed(1000 + batch)  # the same prompt for every config/sparsity
             ids = torch.randint(0, dims["vocab"], (batch, prompt_len), generator=generator).to(device)
-            for row in bench_point(model, orig_forward, ids, new_tokens, mode, cold_compile):
+            for row in bench_point(model, orig_forward, ids, new_tokens, mode, cold_cache_dir):
                 row.pop("_tokens")
                 rows.append({**info, "arch": arch, "layers": dims["layers"], "sparsity": sparsity, "batch": batch,
                              **row})
@@ -306,12 +310,12 @@ def plot(rows: list[dict], path: str) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(sparsities), figsize=(4.5 * len(sparsities), 4), squeeze=False,
                              sharey=True)
-    for ax, sparsity in zip(axes[0], sparsities):
+    for ax, sparsity in zip(axes[0], sparsities, strict=True):
         for config in CONFIGS:
             points = sorted((r["batch"], r["tokens_per_s"]) for r in rows
                             if r["sparsity"] == sparsity and r["config"] == config and r["tokens_per_s"])
             if points:
-                ax.plot(*zip(*points), marker="o", label=config)
+                ax.plot(*zip(*points, strict=True), marker="o", label=config)
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_title(f"sparsity {sparsity:.0%}")
@@ -365,13 +369,14 @@ def main() -> None:
         parser.error("--layers must be at least 1")
     if any(not 0 <= s < 1 for s in args.sparsity):
         parser.error("--sparsity values must satisfy 0 <= s < 1")
+    cold_cache_dir = None
     if args.cold_compile:
         from torch._functorch import config as functorch_config
         from torch._inductor import config as inductor_config
 
         inductor_config.fx_graph_cache = False
         functorch_config.enable_autograd_cache = False
-        os.environ["FLASHLLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="flashllm_autotune_")
+        cold_cache_dir = os.environ["FLASHLLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="flashllm_autotune_")
 
     dims = dict(ARCHS[args.arch])
     if args.layers is not None:
@@ -379,7 +384,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "bench_e2e.csv"), os.path.join(args.out, "bench_e2e.png")
     rows = run(args.arch, dims, args.sparsity, args.batch, args.prompt_len, args.new_tokens,
-               cold_compile=args.cold_compile,
+               cold_cache_dir=cold_cache_dir,
                on_point=lambda rows: write_csv(rows, csv_path))  # rewritten after every point: partial runs count
     write_csv(rows, csv_path)
     try:

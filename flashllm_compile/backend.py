@@ -16,6 +16,18 @@ from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.passes.rewrite_sparse_linear import rewrite_sparse_linears
 
 
+def _ensure_fake_metadata(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
+    """Graphs that did not come from Dynamo (e.g. torch.fx.symbolic_trace) carry no meta['val']: propagate fake
+    tensors through them so the detection pass can read shapes and dtypes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if all("val" in n.meta or "example_value" in n.meta for n in placeholders):
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
+
+
 def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None,
                      options: FlashLLMOptions | dict[str, Any] | None = None):
     """TorchDynamo backend: `(gm, example_inputs, mode=, options=)` -> compiled callable.
@@ -28,6 +40,7 @@ def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str
     from torch._inductor.compile_fx import compile_fx
 
     opts = FlashLLMOptions.from_any(options)
+    _ensure_fake_metadata(gm, example_inputs)
     ops.RUNTIME.update(autotune=opts.autotune, cache_dir=opts.cache_dir)
     rewrite_sparse_linears(gm, example_inputs, opts)
     mode = mode or opts.mode

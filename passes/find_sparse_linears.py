@@ -85,14 +85,24 @@ def resolve_weight(node: fx.Node, gm: fx.GraphModule, inputs: dict[fx.Node, obje
 
 
 def _is_transpose_2d(node: fx.Node) -> bool:
-    """node is W.t() / W.transpose(0, 1) / W.permute(1, 0) / W.T on a 2-D tensor."""
-    if node.op == "call_method" and node.target in TRANSPOSE_METHODS or (
-            node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS):
-        dims = [a for a in (*node.args[1:], *node.kwargs.values()) if not isinstance(a, fx.Node)]
-        if dims and isinstance(dims[0], (list, tuple)):
-            dims = list(dims[0])
-        return dims in ([], [0, 1], [1, 0], [-1, -2], [-2, -1], [0, -1], [-1, 0], [1, -2], [-2, 1])
-    return node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT")
+    """node is W.t() / W.transpose(i, j) / W.permute(1, 0) / W.T of a 2-D tensor (dims normalised mod 2)."""
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("T", "mT")
+    is_method = node.op == "call_method" and node.target in TRANSPOSE_METHODS
+    if not (is_method or node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS):
+        return False
+    name = node.target if is_method else getattr(node.target, "__name__", str(node.target))
+    dims = [a for a in (*node.args[1:], *node.kwargs.values()) if not isinstance(a, fx.Node)]
+    if dims and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    dims = [d % 2 for d in dims]
+    if "permute" in str(name):
+        return dims == [1, 0]  # permute(0, 1) is the identity, not a transpose
+    if "transpose" in str(name):
+        return len(dims) == 2 and dims[0] != dims[1]
+    return not dims  # t()
 
 
 def _linear_operands(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, bool] | None:
@@ -160,8 +170,17 @@ def skip_reason(match: LinearMatch, options: FlashLLMOptions) -> str | None:
     return None
 
 
+def uses_autocast(gm: fx.GraphModule) -> bool:
+    """Autocast changes a linear's compute dtype, which the rewritten op would not follow: leave such graphs
+    dense (global autocast at compile time, or an autocast region inside the graph)."""
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        return True
+    return any(n.op == "call_function" and "autocast" in getattr(n.target, "__name__", "") for n in gm.graph.nodes)
+
+
 def find_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLMOptions) -> list[LinearMatch]:
     """Every linear-like node with a real weight, each with its skip reason (None = rewrite)."""
+    autocast = uses_autocast(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, example_inputs))
     matches = []
@@ -182,7 +201,9 @@ def find_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLMOpt
         name = name.removesuffix(".weight")
         match = LinearMatch(node, x, weight_node, weight, transposed, bias if isinstance(bias, fx.Node) else None,
                             name)
-        if bias is not None and not isinstance(bias, fx.Node):
+        if autocast:
+            match.skip_reason = "autocast"
+        elif bias is not None and not isinstance(bias, fx.Node):
             match.skip_reason = "bias_not_1d"
         else:
             match.skip_reason = skip_reason(match, options)

@@ -71,7 +71,13 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOption
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace", "nn_module_stack",
                                                                  "source_fn_stack", "tensor_meta")})
     node.replace_all_uses_with(new)
+    old_operands = [a for a in node.all_input_nodes if a.op in ("call_function", "call_method")]
     graph.erase_node(node)
+    # Only the weight transpose the old node used can become dead. No global DCE: FX treats in-place methods
+    # such as a KV-cache `index_copy_` as pure and would delete them.
+    for operand in old_operands:
+        if not operand.users:
+            graph.erase_node(operand)
     return fmt
 
 
@@ -107,7 +113,6 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
             kernel=options.kernel.value if fmt is not None else "", dense_bytes=match.weight.nbytes,
             compressed_bytes=fmt.nbytes if fmt is not None else 0, op=op_name))
     if rewritten:
-        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
     return rewritten

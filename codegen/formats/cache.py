@@ -20,11 +20,12 @@ def _version(weight: torch.Tensor) -> int:
 def compress_weight(weight: torch.Tensor, chunk_k: int, transposed: bool = False) -> BitmapWeight:
     """BitmapWeight of `weight` ([N, K]; or [K, N] when `transposed`, as HF Conv1D stores it).
 
-    Cached by the weight's identity and version counter: an in-place update produces a fresh compression."""
+    Cached by the weight's identity and version counter: an in-place update produces a fresh compression.
+    Inference-mode tensors have no version counter, so they are compressed afresh on every compile."""
     key = id(weight)
     hit = _CACHE.get(key)
     version = _version(weight)
-    if hit is not None:
+    if hit is not None and not weight.is_inference():
         ref, cached_version, cached_chunk, cached_t, fmt = hit
         if ref() is weight and cached_version == version and cached_chunk == chunk_k and cached_t == transposed:
             STATS["reuses"] += 1
