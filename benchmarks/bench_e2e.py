@@ -358,6 +358,8 @@ def main() -> None:
     parser.add_argument("--cold-compile", action="store_true",
                         help="compile_s without warm caches: Inductor's FX-graph and AOTAutograd caches off, the "
                         "flashllm autotune cache in a fresh temporary folder, cleared before every compile")
+    parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both compiled configs "
+                        "('default' turns CUDA graphs off; default: %(default)s)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"),
                         help="output folder (default: $OUT, else benchmarks/out; now %(default)s)")
     args = parser.parse_args()
@@ -384,7 +386,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "bench_e2e.csv"), os.path.join(args.out, "bench_e2e.png")
     rows = run(args.arch, dims, args.sparsity, args.batch, args.prompt_len, args.new_tokens,
-               cold_cache_dir=cold_cache_dir,
+               mode=None if args.mode == "default" else args.mode, cold_cache_dir=cold_cache_dir,
                on_point=lambda rows: write_csv(rows, csv_path))  # rewritten after every point: partial runs count
     write_csv(rows, csv_path)
     try:
