@@ -9,6 +9,7 @@ torch/triton versions and a hash of the kernel sources, so a second compile does
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -61,12 +62,18 @@ def default_config(m: int) -> TileConfig:
     return TileConfig("mma", 64, min(64, max(16, triton.next_power_of_2(m))), 2 if m <= 64 else 1, 4, 3)
 
 
+@functools.cache
 def kernel_source_hash() -> str:
     """Changes whenever a kernel template changes, so stale tuning results are not reused."""
     digest = hashlib.sha256()
     for path in sorted((Path(__file__).parent / "kernels").glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _key(fmt: BitmapWeight, m: int, allow_dense: bool) -> str:
@@ -82,11 +89,13 @@ class Autotuner:
         self._lock = threading.Lock()
         self._choices: dict[str, Choice] = {}
         self._loaded_files: set[Path] = set()
+        # hot path: (n, k, chunk_k, nnz, dtype, device, M bucket, allow_dense) -> Choice, no string building or I/O
+        self._fast: dict[tuple, Choice] = {}
         self.hits = 0  # lookups answered from memory or disk
         self.tunings = 0  # keys measured in this process
 
     def cache_file(self, cache_dir: str, device: torch.device) -> Path:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        name = _device_name(device)
         tag = f"{name}-torch{torch.__version__}-triton{triton.__version__}-{kernel_source_hash()}"
         safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in tag)
         return Path(cache_dir) / f"autotune-{safe}.json"
@@ -117,13 +126,20 @@ class Autotuner:
     def choose(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | None, *, allow_dense: bool,
                tune: bool, cache_dir: str) -> Choice:
         """The implementation to run for M tokens. Tunes on first sight of a key, unless `tune` is False or a
-        CUDA graph is being captured (then the untuned default)."""
+        CUDA graph is being captured (then the untuned default).  Called on every op call: a hit costs one dict
+        lookup."""
+        fast_key = (fmt.n, fmt.k, fmt.chunk_k, fmt.nnz, fmt.values.dtype, fmt.values.device, m_bucket(m), allow_dense)
+        choice = self._fast.get(fast_key)
+        if choice is not None:
+            self.hits += 1
+            return choice
         key = _key(fmt, m, allow_dense)
         with self._lock:
             path = self.cache_file(cache_dir, fmt.values.device)
             self._load(path)
             if key in self._choices:
                 self.hits += 1
+                self._fast[fast_key] = self._choices[key]
                 return self._choices[key]
             capturing = fmt.values.is_cuda and torch.cuda.is_current_stream_capturing()
             if not tune or capturing:
@@ -131,7 +147,7 @@ class Autotuner:
                     return Choice("dense", None, float("nan"), float("nan"))
                 return Choice(default_config(m).family, default_config(m), float("nan"), float("nan"))
             choice = self._measure(fmt, m, dense_weight if allow_dense else None)
-            self._choices[key] = choice
+            self._choices[key] = self._fast[fast_key] = choice
             self.tunings += 1
             self._save(path)
             log.info("flashllm autotune %s -> %s", key, choice)
@@ -161,6 +177,7 @@ class Autotuner:
         """Forget all choices in memory, and delete the cache files under `cache_dir` if given."""
         with self._lock:
             self._choices.clear()
+            self._fast.clear()
             self._loaded_files.clear()
             if cache_dir is not None:
                 for path in Path(cache_dir).glob("autotune-*.json"):

@@ -81,3 +81,17 @@ def test_clear_removes_files(fmt, tmp_path, monkeypatch):
 def test_m_buckets():
     assert [autotune.m_bucket(m) for m in (0, 1, 2, 3, 5, 9, 33, 64, 65, 10000)] == [1, 1, 2, 4, 8, 16, 64, 64, 128,
                                                                                       4096]
+
+
+def test_hit_path_touches_no_file(fmt, tmp_path, monkeypatch):
+    """The op asks the tuner on every call: a hit must be a dict lookup (no cache-file path, no hashing)."""
+    fmt, w = fmt
+    monkeypatch.setattr(autotune, "_bench", fake_bench(lambda i: 1.0)[0])
+    tuner = autotune.Autotuner()
+    first = tuner.choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+
+    def no_io(*args):
+        raise AssertionError("cache_file called on the hot path")
+
+    monkeypatch.setattr(autotune.Autotuner, "cache_file", no_io)
+    assert tuner.choose(fmt, 4, w, allow_dense=True, tune=True, cache_dir=str(tmp_path)) == first
