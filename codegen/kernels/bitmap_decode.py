@@ -1,7 +1,7 @@
-"""Shared Triton device functions: expand one chunk of the bitmap format into a dense register tile.
+"""Shared Triton device functions: popcount, expanding one chunk of the bitmap format into a dense register
+tile, and the output epilogue every kernel family ends with.
 
-Both kernel families (tensor-core and GEMV) call `decode_bitmap_tile`; it is the only place that knows the
-format's layout (see codegen/formats/bitmap.py).
+`decode_bitmap_tile` is the only place that knows the format's layout (see codegen/formats/bitmap.py).
 """
 
 import triton
@@ -49,3 +49,18 @@ def decode_bitmap_tile(
     bit = (tl.full((CHUNK_K,), 1, tl.uint32) << lane)[None, :]  # [1, CHUNK_K], loop invariant
     rank = start_e + popcount(words_e & (bit - 1), HW_POPC)
     return tl.load(values_ptr + rank, mask=(words_e & bit) != 0, other=0.0)
+
+
+@triton.jit
+def store_output(out_ptr, bias_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os,
+                 HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr):
+    """acc: fp32 [BLOCK_N, BLOCK_M] for weight rows `rows` and tokens `toks` -> out[toks, rows] (+ bias) in the
+    output dtype; with PARTIALS (split-K) the fp32 partial sums go to out[pid_s, toks, rows] instead."""
+    out_mask = (rows[:, None] < N) & (toks[None, :] < M)
+    out_offs = pid_s * stride_os + toks[None, :] * stride_om + rows[:, None]
+    if not PARTIALS:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + out_offs, acc, mask=out_mask)

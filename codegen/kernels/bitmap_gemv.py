@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
-from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting, split_k_plan
+from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile, store_output
+from flashllm_compile.codegen.kernels.common import TileConfig, launch_bitmap_kernel
 
 GEMV_MAX_M = 8
 
@@ -58,36 +58,11 @@ def _bitmap_gemv_kernel(
                     mask=(toks[:, None] < M) & (k_idx[None, :] < K), other=0.0)
         acc3 += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
     acc = tl.sum(acc3, axis=2)  # [BLOCK_N, BLOCK_M]
-    out_mask = (rows[:, None] < N) & (toks[None, :] < M)
-    out_offs = pid_s * stride_os + toks[None, :] * stride_om + rows[:, None]
-    if not PARTIALS:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + out_offs, acc, mask=out_mask)
+    store_output(out_ptr, bias_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS)
 
 
 def bitmap_gemv(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
     """x: [M, K] with M <= config.block_m -> [M, N] on CUDA cores. Checks, allocates, launches."""
-    check_launch(x, fmt, bias)
-    m = x.shape[0]
-    if m > config.block_m:
-        raise ValueError(f"gemv config covers {config.block_m} tokens, got M={m}")
-    x = x.contiguous()
-    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
-    if split_k == 1:
-        out = torch.empty((m, fmt.n), device=x.device, dtype=x.dtype)
-    else:
-        out = torch.empty((split_k, m, fmt.n), device=x.device, dtype=torch.float32)
-    if m == 0:
-        return out if split_k == 1 else out.sum(0).to(x.dtype)
-    grid = (triton.cdiv(fmt.n, config.block_n), split_k)
-    _bitmap_gemv_kernel[grid](
-        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
-        m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k,
-        BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out if split_k == 1 else finish_split_k(out, bias, x.dtype)
+    if x.dim() == 2 and x.shape[0] > config.block_m:
+        raise ValueError(f"gemv config covers {config.block_m} tokens, got M={x.shape[0]}")
+    return launch_bitmap_kernel(_bitmap_gemv_kernel, x, fmt, bias, config)

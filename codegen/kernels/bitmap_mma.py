@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
-from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting, split_k_plan
+from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile, store_output
+from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
 
 
 def get_bitmap_mma_configs(m: int) -> list[TileConfig]:
@@ -57,36 +57,13 @@ def _bitmap_mma_kernel(
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(w, xt)
-    out_mask = (rows[:, None] < N) & (toks[None, :] < M)
-    out_offs = pid_s * stride_os + toks[None, :] * stride_om + rows[:, None]
-    if not PARTIALS:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + out_offs, acc, mask=out_mask)
+    store_output(out_ptr, bias_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS)
 
 
 def bitmap_mma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
     """x: [M, K] -> [M, N] with the tensor-core kernel. Checks, allocates, launches; nothing else."""
-    check_launch(x, fmt, bias)
-    x = x.contiguous()
-    m = x.shape[0]
-    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
-    if split_k == 1:
-        out = torch.empty((m, fmt.n), device=x.device, dtype=x.dtype)
-    else:
-        out = torch.empty((split_k, m, fmt.n), device=x.device, dtype=torch.float32)
-    if m == 0:
-        return out if split_k == 1 else out.sum(0).to(x.dtype)
-    grid = (triton.cdiv(fmt.n, config.block_n), split_k, triton.cdiv(m, config.block_m))
-    _bitmap_mma_kernel[grid](
-        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
-        m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k,
-        BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
-        # fp32 must not silently become tf32; the interpreter's bf16 dot is wrong (numpy has no bf16), so it
-        # upcasts there too. On the GPU, fp16/bf16 use the native tensor-core dot.
-        FP32_DOT=x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16), num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out if split_k == 1 else finish_split_k(out, bias, x.dtype)
+    # fp32 must not silently become tf32; the interpreter's bf16 dot is wrong (numpy has no bf16), so it
+    # upcasts there too. On the GPU, fp16/bf16 use the native tensor-core dot.
+    fp32_dot = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
+    return launch_bitmap_kernel(_bitmap_mma_kernel, x, fmt, bias, config, grid_m=triton.cdiv(x.shape[0], config.block_m),
+                                FP32_DOT=fp32_dot)

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.kernels.bitmap_decode import popcount
-from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting, split_k_plan
+from flashllm_compile.codegen.kernels.bitmap_decode import popcount, store_output
+from flashllm_compile.codegen.kernels.common import TileConfig, launch_bitmap_kernel
 
 WALK_MAX_M = 8
 
@@ -82,36 +82,11 @@ def _bitmap_walk_kernel(
             words = words & (words - 1)
     out = tl.sum(tl.reshape(acc, (BLOCK_N, WORDS, BLOCK_M)), axis=1)  # [BLOCK_N, BLOCK_M]
     out_rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_mask = (out_rows[:, None] < N) & (toks[None, :] < M)
-    out_offs = pid_s * stride_os + toks[None, :] * stride_om + out_rows[:, None]
-    if not PARTIALS:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + out_offs, out, mask=out_mask)
+    store_output(out_ptr, bias_ptr, out, out_rows, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS)
 
 
 def bitmap_walk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
     """x: [M, K] with M <= config.block_m -> [M, N], bit-walking CUDA-core kernel. Checks, allocates, launches."""
-    check_launch(x, fmt, bias)
-    m = x.shape[0]
-    if m > config.block_m:
-        raise ValueError(f"walk config covers {config.block_m} tokens, got M={m}")
-    x = x.contiguous()
-    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
-    if split_k == 1:
-        out = torch.empty((m, fmt.n), device=x.device, dtype=x.dtype)
-    else:
-        out = torch.empty((split_k, m, fmt.n), device=x.device, dtype=torch.float32)
-    if m == 0:
-        return out if split_k == 1 else out.sum(0).to(x.dtype)
-    grid = (triton.cdiv(fmt.n, config.block_n), split_k)
-    _bitmap_walk_kernel[grid](
-        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
-        m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k,
-        BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out if split_k == 1 else finish_split_k(out, bias, x.dtype)
+    if x.dim() == 2 and x.shape[0] > config.block_m:
+        raise ValueError(f"walk config covers {config.block_m} tokens, got M={x.shape[0]}")
+    return launch_bitmap_kernel(_bitmap_walk_kernel, x, fmt, bias, config)

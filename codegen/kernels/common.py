@@ -52,6 +52,29 @@ def split_k_plan(fmt: BitmapWeight, split_k: int) -> tuple[int, int]:
     return per_split, triton.cdiv(fmt.num_chunks, per_split)
 
 
+def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None,
+                         config: TileConfig, grid_m: int = 1, **meta) -> torch.Tensor:
+    """What every family's launcher does: check, allocate out ([M, N], or fp32 [S, M, N] partials for split-K),
+    launch `kernel` on grid (row blocks, splits, grid_m), reduce the partials.  x: [M, K] -> [M, N]."""
+    check_launch(x, fmt, bias)
+    x = x.contiguous()
+    m = x.shape[0]
+    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
+    shape = (m, fmt.n) if split_k == 1 else (split_k, m, fmt.n)
+    out = torch.empty(shape, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    if m == 0:
+        return out if split_k == 1 else out.sum(0).to(x.dtype)
+    grid = (triton.cdiv(fmt.n, config.block_n), split_k, grid_m)
+    kernel[grid](
+        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
+        m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
+        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k,
+        BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
+        num_warps=config.num_warps, num_stages=config.num_stages, **meta,
+    )
+    return out if split_k == 1 else finish_split_k(out, bias, x.dtype)
+
+
 def finish_split_k(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """partials: fp32 [S, M, N] -> dtype [M, N]; deterministic (fixed-order sum, no atomics)."""
     out = partials.sum(0)
