@@ -173,6 +173,23 @@ class Autotuner:
         best = min(timings, key=lambda t: t[0])
         return Choice(best[1], best[2], best[0], dense_us)
 
+    def choices_for(self, n: int, k: int, chunk_k: int, dtype: torch.dtype | str,
+                    density: float | None = None) -> dict[int, Choice]:
+        """Read-only: {M bucket: Choice} known in memory for an [n, k] weight (all densities unless `density`
+        is given, then the one of its DENSITY_STEP bin).  For reports (`flashllm_compile.explain`)."""
+        dtype = str(dtype).removeprefix("torch.")
+        prefix = f"{dtype}:{n}x{k}:ck{chunk_k}:"
+        want_d = None if density is None else round(round(density / DENSITY_STEP) * DENSITY_STEP, 2)
+        out: dict[int, Choice] = {}
+        with self._lock:
+            for key, choice in sorted(self._choices.items()):
+                if not key.startswith(prefix):
+                    continue
+                d_part, m_part = key[len(prefix):].split(":")[:2]
+                if want_d is None or float(d_part[1:]) == want_d:
+                    out[int(m_part[1:])] = choice
+        return dict(sorted(out.items()))
+
     def clear(self, cache_dir: str | None = None) -> None:
         """Forget all choices in memory, and delete the cache files under `cache_dir` if given."""
         with self._lock:

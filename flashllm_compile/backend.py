@@ -28,6 +28,22 @@ def _ensure_fake_metadata(gm: fx.GraphModule, example_inputs: list[Any]) -> None
     FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
 
 
+def register_torch_logs() -> None:
+    """Make the `flashllm_compile` logger a TORCH_LOGS-controlled log under the alias "flashllm" (idempotent).
+
+    `TORCH_LOGS="+flashllm_compile"` works at torch import (any importable module name does); after this call
+    `torch._logging.set_logs(modules={"flashllm": logging.INFO})` works too.  Called by the backend on each
+    compile."""
+    from torch._logging import _internal
+
+    registry = getattr(_internal, "log_registry", None)
+    if registry is not None and registry.is_log("flashllm"):
+        return
+    register = getattr(_internal, "register_log", None)
+    if register is not None:  # private API (torch 2.1 .. 2.13); a later rename must not break compiling
+        register("flashllm", "flashllm_compile")
+
+
 def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str | None = None,
                      options: FlashLLMOptions | dict[str, Any] | None = None):
     """TorchDynamo backend: `(gm, example_inputs, mode=, options=)` -> compiled callable.
@@ -39,6 +55,7 @@ def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    register_torch_logs()
     opts = FlashLLMOptions.from_any(options)
     _ensure_fake_metadata(gm, example_inputs)
     ops.RUNTIME.update(autotune=opts.autotune, cache_dir=opts.cache_dir)

@@ -15,9 +15,10 @@ import time
 import torch
 
 from flashllm_compile.prune import magnitude_prune_
-from flashllm_compile.report import record_decisions
+from flashllm_compile.report import decision_table, record_decisions
 
 SIZES = {  # hidden, intermediate, layers, heads, kv heads
+    "test": (64, 128, 1, 4, 2),  # for fast CLI tests
     "tiny": (256, 688, 2, 8, 4),
     "1b": (2048, 5504, 8, 16, 16),
     "7b": (4096, 11008, 32, 32, 32),
@@ -36,15 +37,7 @@ def build_llama(size: str, dtype: torch.dtype, device: str):
 
 
 def print_decisions(decisions) -> None:
-    print(f"\n{'layer':<40} {'shape':>12} {'zeros':>6}  {'result':<22} {'MB before':>9} {'MB after':>8}")
-    for d in decisions:
-        after = f"{d.compressed_bytes / 1e6:8.2f}" if d.rewritten else "       -"
-        print(f"{d.name[:40]:<40} {f'{d.out_features}x{d.in_features}':>12} {d.sparsity:6.1%}  "
-              f"{'sparse_linear' if d.rewritten else 'dense: ' + d.reason:<22} {d.dense_bytes / 1e6:9.2f} {after}")
-    rewritten = [d for d in decisions if d.rewritten]
-    before, after = sum(d.dense_bytes for d in rewritten), sum(d.compressed_bytes for d in rewritten)
-    print(f"\n{len(rewritten)}/{len(decisions)} linears rewritten; their weights: {before / 1e6:.1f} MB dense -> "
-          f"{after / 1e6:.1f} MB compressed ({after / max(before, 1):.1%})")
+    print("\n" + decision_table(decisions))
 
 
 def decode_tokens_per_s(model, ids, new_tokens: int) -> float:

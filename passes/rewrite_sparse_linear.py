@@ -10,6 +10,8 @@ place (Dynamo hands it over; Inductor's own passes edit in place too): a deep co
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import torch
 from flashllm_compile.codegen.formats.cache import compress_weight, watch_weight
@@ -81,13 +83,28 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOption
     return fmt
 
 
+PROGRESS_MIN_LAYERS = 8
+
+
+def _progress(matches: list[LinearMatch]):
+    """A tqdm bar over `matches` while compressing, when >= PROGRESS_MIN_LAYERS are rewritable, stderr is a TTY,
+    and the environment does not set FLASHLLM_PROGRESS=0; otherwise the list itself."""
+    rewritable = sum(m.skip_reason is None for m in matches)
+    if rewritable < PROGRESS_MIN_LAYERS or os.environ.get("FLASHLLM_PROGRESS") == "0" or not sys.stderr.isatty():
+        return matches
+    from tqdm.auto import tqdm
+
+    return tqdm(matches, desc="flashllm: compressing linears", unit="layer", file=sys.stderr, leave=False)
+
+
 def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLMOptions) -> int:
     """Rewrite every eligible linear of `gm` in place; returns how many were rewritten.
 
-    Counters: counters["flashllm"]["linear_found"], ["rewritten"], ["skip_<reason>"]."""
+    Counters: counters["flashllm"]["linear_found"], ["rewritten"], ["skip_<reason>"].  With many rewritable
+    layers a progress bar is shown on a TTY stderr; FLASHLLM_PROGRESS=0 turns it off (see `_progress`)."""
     registered: dict[int, tuple[str, ...]] = {}
     rewritten = 0
-    for match in find_sparse_linears(gm, example_inputs, options):
+    for match in _progress(list(find_sparse_linears(gm, example_inputs, options))):
         counters["flashllm"]["linear_found"] += 1
         op_name = getattr(match.node.target, "__name__", str(match.node.target))
         sparsity = float("nan")

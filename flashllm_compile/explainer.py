@@ -1,0 +1,229 @@
+"""See what the compiler did: `flashllm_compile.explain(model, *example_inputs, **options)`.
+
+Compiles a wrapper of `model` with the flashllm backend, runs it once on the example inputs under
+`torch.no_grad()`, and reports every linear the backend saw (rewritten or why not, format, bytes), the
+autotuned kernel per M bucket on CUDA, and the Triton source of the kernel families involved.  The model
+itself is not modified; the Dynamo cache is reset before and after so later compiles start clean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from flashllm_compile.options import FlashLLMOptions
+from flashllm_compile.report import LinearDecision, decision_table, record_decisions
+
+FAMILIES = ("walk", "gemv", "mma")  # Triton kernel families, in the order they are shown
+SHARED_DEVICE_FUNCTIONS = ("popcount", "decode_bitmap_tile", "store_output")  # codegen/kernels/bitmap_decode.py
+
+
+@dataclass
+class KernelChoice:
+    """The implementation the autotuner picked for one M bucket of one layer."""
+
+    m_bucket: int
+    family: str  # "dense", "mma", "gemv" or "walk"
+    config: str  # TileConfig.short(), "" for dense
+    time_us: float
+    dense_us: float
+
+    @property
+    def speedup(self) -> float:
+        """dense_us / time_us, nan when either was not measured."""
+        return self.dense_us / self.time_us if self.time_us > 0 else float("nan")
+
+    def describe(self) -> str:
+        text = f"M<={self.m_bucket}: {self.config or self.family}"
+        return text + (f" {self.speedup:.2f}x vs dense" if math.isfinite(self.speedup) else "")
+
+
+@dataclass
+class LayerReport:
+    """One linear-like op: the backend's LinearDecision plus format and kernel choices."""
+
+    decision: LinearDecision
+    format: str  # "bitmap(chunk_k=128)" for rewritten layers, "" otherwise
+    kernels: list[KernelChoice] = field(default_factory=list)
+    note: str = ""  # e.g. "emulated (CPU)" when no Triton kernel ran
+
+    def kernel_text(self) -> str:
+        if not self.decision.rewritten:
+            return ""
+        return "; ".join(k.describe() for k in self.kernels) or self.note
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {**dataclasses.asdict(self.decision), "format": self.format, "note": self.note,
+                "kernels": [{**dataclasses.asdict(k), "speedup": k.speedup} for k in self.kernels]}
+        return _json_safe(data)
+
+
+@dataclass
+class ExplainReport:
+    """What `explain()` found; `str(report)` is a readable table, `report.to_dict()` JSON-able data."""
+
+    device: str
+    options: dict[str, Any]
+    layers: list[LayerReport]
+    kernel_sources: dict[str, str]  # family -> Triton source (kernel + shared device functions it calls)
+    compiled_asm: dict[str, dict[str, str]] = field(default_factory=dict)  # family -> {"ptx"/"ttgir": text}
+
+    @property
+    def rewritten(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.decision.rewritten]
+
+    def table(self) -> str:
+        """The per-layer table with a kernel column, and the summary line."""
+        return decision_table([layer.decision for layer in self.layers],
+                              kernels={layer.decision.name: layer.kernel_text() for layer in self.layers})
+
+    def __str__(self) -> str:
+        parts = [f"flashllm explain: device {self.device}, options {self.options}", "", self.table()]
+        for family, src in self.kernel_sources.items():
+            parts += ["", f"=== Triton source: {family} kernel ===", src.rstrip()]
+        for family, asm in self.compiled_asm.items():
+            for kind, text in asm.items():
+                parts += ["", f"=== {kind.upper()}: {family} kernel ===", text.rstrip()]
+        return "\n".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "options": _json_safe(self.options),
+                "layers": [layer.to_dict() for layer in self.layers], "kernel_sources": dict(self.kernel_sources),
+                "compiled_asm": {f: dict(a) for f, a in self.compiled_asm.items()}}
+
+
+def _json_safe(value: Any) -> Any:
+    """nan/inf -> None, enums -> values, containers recursively (json.dumps(allow_nan=False) accepts it)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return getattr(value, "value", str(value))
+
+
+def _input_device(model: torch.nn.Module, example_inputs: tuple) -> torch.device:
+    for t in (*example_inputs, *model.parameters()):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def _run_compiled(model: torch.nn.Module, example_inputs: tuple, opts: FlashLLMOptions) -> list[LinearDecision]:
+    """Compile a wrapper of `model` with the flashllm backend and run it once; the decisions it published."""
+    from flashllm_compile.backend import flashllm_backend
+
+    backend = functools.partial(flashllm_backend, options=opts)
+    torch._dynamo.reset()
+    try:
+        with record_decisions() as decisions, torch.no_grad():
+            torch.compile(model, backend=backend)(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    return list(decisions)
+
+
+def _kernel_choices(d: LinearDecision, chunk_k: int) -> list[KernelChoice]:
+    from flashllm_compile.codegen.autotune import AUTOTUNER
+
+    choices = AUTOTUNER.choices_for(d.out_features, d.in_features, chunk_k, d.dtype, density=1.0 - d.sparsity)
+    return [KernelChoice(m, c.family, c.config.short() if c.config else "", c.time_us, c.dense_us)
+            for m, c in choices.items()]
+
+
+def _layer_report(d: LinearDecision, opts: FlashLLMOptions, device: torch.device) -> LayerReport:
+    if not d.rewritten:
+        return LayerReport(d, "")
+    layer = LayerReport(d, f"bitmap(chunk_k={opts.chunk_k})")
+    if opts.kernel.value in ("emulated", "dense"):
+        layer.note = opts.kernel.value
+    elif device.type != "cuda":
+        layer.note = "emulated (CPU)"
+    else:
+        layer.kernels = _kernel_choices(d, opts.chunk_k)
+        layer.note = "" if layer.kernels else "not tuned (autotune off or not run yet)"
+    return layer
+
+
+def _jit_source(fn) -> str:
+    """Source of a @triton.jit function, decorator included."""
+    try:
+        return inspect.getsource(getattr(fn, "fn", fn))
+    except (OSError, TypeError):  # no source file (e.g. zipped install): Triton keeps the body without decorator
+        return "@triton.jit\n" + fn.src
+
+
+def kernel_source(family: str) -> str:
+    """The Triton source of one kernel family: the @triton.jit kernel plus the shared device functions
+    (codegen/kernels/bitmap_decode.py) it calls, directly or through each other."""
+    import importlib
+
+    from flashllm_compile.codegen.kernels import bitmap_decode
+
+    module = importlib.import_module(f"flashllm_compile.codegen.kernels.bitmap_{family}")
+    kernel_src = _jit_source(getattr(module, f"_bitmap_{family}_kernel"))
+    shared = {name: _jit_source(getattr(bitmap_decode, name)) for name in SHARED_DEVICE_FUNCTIONS}
+    used, pending = [], [kernel_src]
+    while pending:
+        text = pending.pop()
+        for name, src in shared.items():
+            if name not in used and f"{name}(" in text:
+                used.append(name)
+                pending.append(src)
+    helpers = [shared[name] for name in SHARED_DEVICE_FUNCTIONS if name in used]  # definition order
+    header = f"# from codegen/kernels/bitmap_decode.py: {', '.join(n for n in SHARED_DEVICE_FUNCTIONS if n in used)}"
+    return "\n\n".join([header, *helpers, f"# from codegen/kernels/bitmap_{family}.py", kernel_src])
+
+
+def _compiled_asm(family: str) -> dict[str, str]:
+    """PTX / TTGIR of the first compiled specialisation in Triton's in-process cache (best effort, CUDA)."""
+    import importlib
+
+    module = importlib.import_module(f"flashllm_compile.codegen.kernels.bitmap_{family}")
+    fn = getattr(module, f"_bitmap_{family}_kernel")
+    try:
+        for cache in getattr(fn, "device_caches", {}).values():
+            kernels = cache[0] if isinstance(cache, tuple) else cache
+            for compiled in kernels.values():
+                asm = getattr(compiled, "asm", {})
+                return {kind: asm[kind] for kind in ("ttgir", "ptx") if isinstance(asm.get(kind), str)}
+    except Exception as e:  # noqa: BLE001 -- Triton internals differ between versions; this is optional output
+        logging.getLogger("flashllm_compile").debug("flashllm explain: no compiled asm for %s: %s", family, e)
+    return {}
+
+
+def _families(layers: list[LayerReport]) -> list[str]:
+    """Triton families chosen for some layer; when none was measured (CPU, autotune off) all that could run."""
+    chosen = {k.family for layer in layers for k in layer.kernels if k.family in FAMILIES}
+    return [f for f in FAMILIES if f in chosen] if chosen else list(FAMILIES)
+
+
+def explain(model: torch.nn.Module, *example_inputs: Any, **options: Any) -> ExplainReport:
+    """Compile `model` with backend="flashllm" (the given FlashLLMOptions fields as keyword arguments), run it
+    once on `example_inputs` without grad, and report what the backend did.
+
+    The model is left untouched: torch.compile(model) returns a new wrapper, weights are only read (compressed
+    copies), and torch._dynamo.reset() runs before and after.  On CUDA the run also autotunes, so the report
+    shows the kernel family, tile config and measured speedup per M bucket; on CPU rewritten layers run the
+    emulated path.  Example: `print(flashllm_compile.explain(model, input_ids, min_sparsity=0.6))`."""
+    opts = FlashLLMOptions.from_any(options)
+    device = _input_device(model, example_inputs)
+    decisions = _run_compiled(model, example_inputs, opts)
+    layers = [_layer_report(d, opts, device) for d in decisions]
+    families = _families(layers) if any(layer.decision.rewritten for layer in layers) else []
+    asm = {f: a for f in families if device.type == "cuda" and (a := _compiled_asm(f))}
+    return ExplainReport(device=str(device), options=_json_safe(dataclasses.asdict(opts)), layers=layers,
+                         kernel_sources={f: kernel_source(f) for f in families}, compiled_asm=asm)
