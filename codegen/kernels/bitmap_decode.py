@@ -22,7 +22,7 @@ def popcount(words, HW_POPC: tl.constexpr):
 
 @triton.jit
 def decode_bitmap_tile(
-    bitmap_ptr, offsets_ptr, values_ptr, chunk, rows, N, row_limit,
+    bitmap_ptr, offsets_ptr, values_ptr, chunk, num_chunks, rows, N,
     CHUNK_K: tl.constexpr, BLOCK_N: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     """Dense tile W[rows, chunk*CHUNK_K : (chunk+1)*CHUNK_K] as a [BLOCK_N, CHUNK_K] register tensor.
@@ -30,11 +30,12 @@ def decode_bitmap_tile(
     rank of element (n, j) in the packed values = offsets[chunk, n]              (row start, from the format)
                                                 + sum of popc of the row's earlier words  (cumsum, per word)
                                                 + popc(word & bits below j)              (per element)
-    Rows >= row_limit decode to zeros (row_limit is N, or 0 for a chunk past the end of a split).  The per-word work is shared by 32 elements; per element it is an AND, a POPC,
+    Rows >= N, and every row of a chunk >= num_chunks (the tail of the last split-K range), decode to zeros.
+    The per-word work is shared by 32 elements; per element it is an AND, a POPC,
     an ADD, a bit test and one (L1-hitting, coalesced) gather load.
     """
     WORDS: tl.constexpr = CHUNK_K // 32
-    row_ok = rows < row_limit
+    row_ok = rows < tl.where(chunk < num_chunks, N, 0)
     word_ids = tl.arange(0, WORDS)
     # words: [BLOCK_N, WORDS], contiguous over (row, word) for one chunk
     words = tl.load(bitmap_ptr + (chunk * N + rows)[:, None] * WORDS + word_ids[None, :],

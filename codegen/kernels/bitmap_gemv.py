@@ -49,8 +49,7 @@ def _bitmap_gemv_kernel(
     # Fixed trip count (the last split may run past the end: those chunks decode to zeros and read x as 0).
     for i in range(chunks_per_split):
         chunk = pid_s * chunks_per_split + i
-        row_limit = tl.where(chunk < num_chunks, N, 0)
-        w = decode_bitmap_tile(bitmap_ptr, offsets_ptr, values_ptr, chunk, rows, N, row_limit,
+        w = decode_bitmap_tile(bitmap_ptr, offsets_ptr, values_ptr, chunk, num_chunks, rows, N,
                                CHUNK_K, BLOCK_N, HW_POPC)
         k_idx = chunk * CHUNK_K + cols
         # x: [BLOCK_M, CHUNK_K]
