@@ -16,9 +16,9 @@ import re
 from dataclasses import dataclass
 
 import torch
-from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES
 from torch import fx
 
+from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES
 from flashllm_compile.options import FlashLLMOptions
 
 aten = torch.ops.aten
@@ -42,6 +42,7 @@ class LinearMatch:
     bias: fx.Node | None
     name: str  # module path of the weight, for reports and errors
     skip_reason: str | None = None  # None: rewrite it
+    sparsity: float = float("nan")  # exact-zero fraction of the weight, measured once (nan: not measurable)
 
     @property
     def out_features(self) -> int:
@@ -163,11 +164,17 @@ def skip_reason(match: LinearMatch, options: FlashLLMOptions) -> str | None:
         return "too_small"
     if w.is_meta:
         return "meta_weight"
-    with torch.no_grad():
-        sparsity = (w == 0).sum().item() / w.numel()
-    if sparsity < options.min_sparsity:
+    if match.sparsity < options.min_sparsity:
         return "too_dense"
     return None
+
+
+def exact_zero_fraction(weight: torch.Tensor) -> float:
+    """Fraction of exact zeros of a materialised tensor (one pass over it); nan when not measurable."""
+    if weight.is_meta or weight.numel() == 0:
+        return float("nan")
+    with torch.no_grad():
+        return (weight == 0).sum().item() / weight.numel()
 
 
 def uses_autocast(gm: fx.GraphModule) -> bool:
@@ -200,7 +207,7 @@ def find_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLMOpt
         weight, name = resolved
         name = name.removesuffix(".weight")
         match = LinearMatch(node, x, weight_node, weight, transposed, bias if isinstance(bias, fx.Node) else None,
-                            name)
+                            name, sparsity=exact_zero_fraction(weight))
         if autocast:
             match.skip_reason = "autocast"
         elif bias is not None and not isinstance(bias, fx.Node):

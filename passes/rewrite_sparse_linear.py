@@ -14,13 +14,13 @@ import os
 import sys
 
 import torch
-from flashllm_compile.codegen.formats.cache import compress_weight, watch_weight
-from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
 from torch import fx
 from torch._dynamo.utils import counters
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
+from flashllm_compile.codegen.formats.cache import compress_weight, watch_weight
 from flashllm_compile.options import FlashLLMOptions
+from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
 from flashllm_compile.report import LinearDecision, publish
 
 log = logging.getLogger("flashllm_compile")
@@ -107,25 +107,20 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
     for match in _progress(list(find_sparse_linears(gm, example_inputs, options))):
         counters["flashllm"]["linear_found"] += 1
         op_name = getattr(match.node.target, "__name__", str(match.node.target))
-        sparsity = float("nan")
         if match.skip_reason is None:
             fmt = _rewrite_one(gm, match, options, registered)
             rewritten += 1
             counters["flashllm"]["rewritten"] += 1
-            sparsity = 1.0 - fmt.nnz / (fmt.n * fmt.k)
             log.info("flashllm: %s [%dx%d] %.1f%% zeros -> sparse_linear (%s), %.1f MB -> %.1f MB", match.name,
-                     fmt.n, fmt.k, 100 * sparsity, options.kernel.value, match.weight.nbytes / 1e6, fmt.nbytes / 1e6)
+                     fmt.n, fmt.k, 100 * match.sparsity, options.kernel.value, match.weight.nbytes / 1e6, fmt.nbytes / 1e6)
         else:
             counters["flashllm"][f"skip_{match.skip_reason}"] += 1
             log.info("flashllm: %s left dense: %s", match.name, match.skip_reason)
             fmt = None
-        if fmt is None and match.weight.numel() and match.weight.device.type != "meta":
-            with torch.no_grad():
-                sparsity = (match.weight == 0).sum().item() / match.weight.numel()
         publish(LinearDecision(
             name=match.name, out_features=match.out_features if match.weight.dim() == 2 else 0,
             in_features=match.in_features if match.weight.dim() == 2 else 0,
-            dtype=str(match.weight.dtype).removeprefix("torch."), sparsity=sparsity,
+            dtype=str(match.weight.dtype).removeprefix("torch."), sparsity=match.sparsity,
             rewritten=fmt is not None, reason=match.skip_reason or "rewritten",
             kernel=options.kernel.value if fmt is not None else "", dense_bytes=match.weight.nbytes,
             compressed_bytes=fmt.nbytes if fmt is not None else 0, op=op_name))
