@@ -22,9 +22,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from timing import ROTATIONS, gpu_info, graph_time_us
+
 from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from timing import ROTATIONS, gpu_info, graph_time_us
 
 SHAPES = {  # model -> {layer: (N, K)}
     "llama7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},

@@ -18,12 +18,10 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs
-from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from timing import ROTATIONS, gpu_info, graph_time_us
 
-LAUNCHERS = {"mma": bitmap_mma, "gemv": bitmap_gemv}
+from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
 
 def pruned_weight(n: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
@@ -42,7 +40,7 @@ def sweep_point(n, k, m, sparsity, dtype, chunk_ks, log):
     best = {}
     for chunk_k in chunk_ks:
         fmts = [BitmapWeight.from_dense(w, chunk_k) for w in weights]
-        for cfg in get_bitmap_mma_configs(m) + get_bitmap_gemv_configs(m):
+        for cfg in candidate_configs(m):
             launch = LAUNCHERS[cfg.family]
             try:
                 err = rel_err(launch(x, fmts[0], None, cfg), ref)

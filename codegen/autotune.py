@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import triton
+
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_gemv import GEMV_MAX_M, bitmap_gemv, get_bitmap_gemv_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 

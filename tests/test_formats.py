@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
 
 def random_sparse(n, k, sparsity, dtype=torch.float16, seed=0):

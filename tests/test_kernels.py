@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+
 from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs
@@ -43,40 +44,27 @@ def rel_err(y, ref):
     return ((y.float().cpu() - ref).norm() / ref.norm()).item()
 
 
+# family -> (token counts, (N, K, sparsity) cases, split-K values): gemv and walk are the small-M families
+FAMILY_CASES = {
+    "mma": ([1, 2, 3, 8, 16, 33], [(70, 200, 0.8), (33, 300, 0.5), (64, 128, 0.9)], (1, 3)),
+    "gemv": ([1, 2, 3, 8], [(70, 200, 0.8), (33, 300, 0.5)], (1, 2)),
+    "walk": ([1, 2, 3, 8], [(70, 200, 0.8), (33, 300, 0.5), (16, 64, 0.0)], (1, 2)),
+}
+CONFIGS = {"mma": get_bitmap_mma_configs, "gemv": get_bitmap_gemv_configs, "walk": get_bitmap_walk_configs}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 33])
-@pytest.mark.parametrize("n, k, sparsity", [(70, 200, 0.8), (33, 300, 0.5), (64, 128, 0.9)])
-def test_mma_matches_dense(n, k, m, sparsity, dtype):
+@pytest.mark.parametrize("family, n, k, sparsity, m", [
+    (family, n, k, sparsity, m)
+    for family, (ms, cases, _) in FAMILY_CASES.items() for n, k, sparsity in cases for m in ms
+])
+def test_family_matches_dense(family, n, k, sparsity, m, dtype):
     w, x, b, ref = make_case(n, k, m, sparsity, dtype)
     fmt = BitmapWeight.from_dense(w, chunk_k=64)
-    for split_k in (1, 3):
-        config = get_bitmap_mma_configs(m)[0]._replace(split_k=split_k)
-        y = bitmap_mma(x, fmt, b, config)
+    for split_k in FAMILY_CASES[family][2]:
+        config = CONFIGS[family](m)[0]._replace(split_k=split_k)
+        y = LAUNCHERS[family](x, fmt, b, config)
         assert y.shape == (m, n) and y.dtype == dtype
-        assert rel_err(y, ref) < TOL[dtype], config
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
-@pytest.mark.parametrize("n, k, sparsity", [(70, 200, 0.8), (33, 300, 0.5)])
-def test_gemv_matches_dense(n, k, m, sparsity, dtype):
-    w, x, b, ref = make_case(n, k, m, sparsity, dtype)
-    fmt = BitmapWeight.from_dense(w, chunk_k=64)
-    for split_k in (1, 2):
-        config = get_bitmap_gemv_configs(m)[0]._replace(split_k=split_k)
-        y = bitmap_gemv(x, fmt, b, config)
-        assert rel_err(y, ref) < TOL[dtype], config
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
-@pytest.mark.parametrize("n, k, sparsity", [(70, 200, 0.8), (33, 300, 0.5), (16, 64, 0.0)])
-def test_walk_matches_dense(n, k, m, sparsity, dtype):
-    w, x, b, ref = make_case(n, k, m, sparsity, dtype)
-    fmt = BitmapWeight.from_dense(w, chunk_k=64)
-    for split_k in (1, 2):
-        config = get_bitmap_walk_configs(m)[0]._replace(split_k=split_k)
-        y = bitmap_walk(x, fmt, b, config)
         assert rel_err(y, ref) < TOL[dtype], config
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.formats.cache import watch_weight
 
 from flashllm_compile import ops
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.cache import watch_weight
 
 
 def make(n=48, k=96, sparsity=0.8, dtype=torch.float32, seed=0):

@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flashllm_compile.codegen.formats import cache
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
 
 from flashllm_compile import ops
 from flashllm_compile.backend import flashllm_backend
+from flashllm_compile.codegen.formats import cache
 from flashllm_compile.report import record_decisions
 
 transformers = pytest.importorskip("transformers")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
 # id(weight) -> (weak reference to the weight, version, chunk_k, transposed, compressed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile, store_output
 from flashllm_compile.codegen.kernels.common import TileConfig, launch_bitmap_kernel

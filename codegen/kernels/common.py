@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+
 from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
