@@ -22,7 +22,7 @@ import torch
 from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.report import LinearDecision, decision_table, record_decisions
 
-FAMILIES = ("walk", "gemv", "mma")  # Triton kernel families, in the order they are shown
+FAMILIES = ("rowwalk", "walk", "gemv", "mma")  # Triton kernel families, in the order they are shown
 SHARED_DEVICE_FUNCTIONS = ("popcount", "decode_bitmap_tile", "store_output")  # codegen/kernels/bitmap_decode.py
 
 
@@ -31,7 +31,7 @@ class KernelChoice:
     """The implementation the autotuner picked for one M bucket of one layer."""
 
     m_bucket: int
-    family: str  # "dense", "mma", "gemv" or "walk"
+    family: str  # "dense" or a Triton family of FAMILIES
     config: str  # TileConfig.short(), "" for dense
     time_us: float
     dense_us: float

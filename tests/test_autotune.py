@@ -53,7 +53,7 @@ def test_untuned_defaults(fmt, tmp_path):
     fmt, w = fmt
     tuner = autotune.Autotuner()
     assert tuner.choose(fmt, 2, w, allow_dense=True, tune=False, cache_dir=str(tmp_path)).family == "dense"
-    assert tuner.choose(fmt, 2, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "walk"
+    assert tuner.choose(fmt, 2, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "rowwalk"
     assert tuner.choose(fmt, 40, None, allow_dense=False, tune=False, cache_dir=str(tmp_path)).family == "mma"
 
 

@@ -21,8 +21,9 @@ def test_round_trip_exact(n, k, sparsity, chunk_k, dtype, seed):
     w = random_sparse(n, k, sparsity, dtype, seed)
     fmt = BitmapWeight.from_dense(w, chunk_k)
     assert fmt.nnz == int((w != 0).sum())
-    assert fmt.bitmap.shape == (-(-k // chunk_k), n, chunk_k // 32)
-    assert fmt.offsets[-1].item() == fmt.nnz
+    assert fmt.bitmap.shape == (n, -(-k // chunk_k) * chunk_k // 32)
+    assert fmt.offsets.shape == (-(-k // chunk_k) + 1, n)
+    assert fmt.offsets[-1, -1].item() == fmt.nnz
     assert torch.equal(fmt.to_dense(), w)
 
 
@@ -44,13 +45,15 @@ def test_bytes_follow_1_plus_16_density_bits(sparsity, max_ratio):
     assert fmt.nbytes / w.nbytes < max_ratio
 
 
-def test_values_are_chunk_major():
+def test_values_are_row_major_with_chunk_offsets():
     w = torch.zeros(2, 64)
     w[0, 40], w[1, 1], w[0, 2] = 1.0, 2.0, 3.0
     fmt = BitmapWeight.from_dense(w, chunk_k=32)
-    # chunk 0: row 0 (col 2) then row 1 (col 1); chunk 1: row 0 (col 40)
-    assert fmt.values.tolist() == [3.0, 2.0, 1.0]
-    assert fmt.offsets.tolist() == [0, 1, 2, 3, 3]
+    # row 0: col 2 then col 40; row 1: col 1
+    assert fmt.values.tolist() == [3.0, 1.0, 2.0]
+    # offsets[c, n]: row n's first value at column >= 32*c; offsets[2, n]: end of row n
+    assert fmt.offsets.tolist() == [[0, 2], [1, 3], [2, 3]]
+    assert fmt.bitmap.tolist() == [[1 << 2, 1 << 8], [1 << 1, 0]]
 
 
 @pytest.mark.parametrize("bad, match", [(torch.zeros(3), "2-D"), (torch.zeros(2, 2, dtype=torch.int32), "floating")])

@@ -38,7 +38,7 @@ def test_preferences_match_dense(kernel, family, shape):
     assert y.shape == (*shape[:-1], 48)
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
     m = x.numel() // 96
-    assert ops.KERNEL_HITS[family if m > 8 or family != "mma" else "walk"] == 1  # untuned default for M <= 8
+    assert ops.KERNEL_HITS[family if m > 8 or family != "mma" else "rowwalk"] == 1  # untuned default for M <= 8
 
 
 def test_non_contiguous_input():

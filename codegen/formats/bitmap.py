@@ -1,16 +1,18 @@
-"""Chunked bitmap format: one bit per weight element plus the nonzero values, packed chunk-major.
+"""Bitmap format: one bit per weight element plus the nonzero values, row-major, with per-chunk row offsets.
 
-Layout of a weight W: [N, K] (N output features, K input features), with K cut into chunks of
-CHUNK_K columns (K padded with zero columns up to a multiple of CHUNK_K):
+Layout of a weight W: [N, K] (N output features, K input features), with K cut into C chunks of
+CHUNK_K columns (K padded with zero columns up to a multiple of CHUNK_K), KW = C * CHUNK_K / 32 words a row:
 
-    bitmap  int32 [C, N, CHUNK_K // 32]   bit j of word w of (chunk c, row n) <=> W[n, c*CHUNK_K + 32*w + j] != 0
-    offsets int32 [C * N + 1]             start of (chunk c, row n)'s values in `values`
-    values  dtype [nnz]                   the nonzeros, in (chunk, row, column) order
+    bitmap  int32 [N, KW]      bit j of word w of row n <=> W[n, 32*w + j] != 0
+    offsets int32 [C + 1, N]   offsets[c, n] = index in `values` of row n's first nonzero at column >= c*CHUNK_K
+                               (offsets[C, n] = the end of row n)
+    values  dtype [nnz]        the nonzeros, in (row, column) order
 
-Why chunk-major: a kernel tile [BLOCK_N rows, one chunk] then reads one contiguous run of bitmap words
-and one contiguous run of values, so every HBM sector it touches is fully used.  Bytes per weight
-element: 1/8 (bitmap) + 4/CHUNK_K (offsets) + 2*density (fp16/bf16 values), e.g. 0.53 B at 80% sparsity
-against 2 B dense.
+Why row-major: a bit-walking kernel lane follows one row through a long run of K with no jumps (next word
+= next address, next value = next address), which keeps its loop short and its work balanced.  The chunk
+offsets still give a tile kernel [BLOCK_N rows, one chunk] the start of each row's contiguous run of values
+in that chunk.  Bytes per weight element: 1/8 (bitmap) + 4/CHUNK_K (offsets) + 2*density (fp16/bf16
+values), e.g. 0.53 B at 80% sparsity against 2 B dense.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ DEFAULT_CHUNK_K = 128
 class BitmapWeight:
     """A compressed [N, K] weight. Tensors live on the weight's device; `n`, `k`, `chunk_k` are static."""
 
-    bitmap: torch.Tensor  # int32 [C, N, CHUNK_K // 32]
-    offsets: torch.Tensor  # int32 [C * N + 1]
+    bitmap: torch.Tensor  # int32 [N, KW], KW = C * CHUNK_K // 32
+    offsets: torch.Tensor  # int32 [C + 1, N]
     values: torch.Tensor  # dtype [nnz]
     n: int
     k: int
@@ -36,7 +38,7 @@ class BitmapWeight:
 
     @property
     def num_chunks(self) -> int:
-        return self.bitmap.shape[0]
+        return self.offsets.shape[0] - 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -65,19 +67,17 @@ class BitmapWeight:
         w = weight.detach()
         n, k = w.shape
         num_chunks = max(1, -(-k // chunk_k))
-        w = torch.nn.functional.pad(w, (0, num_chunks * chunk_k - k))
-        # [N, C*CK] -> [C, N, CK]: chunk-major order, so boolean indexing yields (chunk, row, col) order.
-        w = w.view(n, num_chunks, chunk_k).transpose(0, 1)
+        w = torch.nn.functional.pad(w, (0, num_chunks * chunk_k - k))  # [N, C*CK]
         mask = w != 0
-        values = w[mask].contiguous()
+        values = w[mask].contiguous()  # boolean indexing yields (row, column) order
 
-        counts = mask.sum(dim=2, dtype=torch.int32).flatten()  # [C*N]
-        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=w.device)
-        torch.cumsum(counts, dim=0, out=offsets[1:])
+        counts = mask.view(n, num_chunks, chunk_k).sum(dim=2, dtype=torch.int32)  # [N, C]
+        ends = counts.flatten().cumsum(0, dtype=torch.int32).view(n, num_chunks)  # end of (row, chunk)
+        offsets = torch.cat([(ends - counts).t(), ends[:, -1:].t()]).contiguous()  # [C+1, N]
 
-        bits = mask.view(num_chunks, n, chunk_k // WORD_BITS, WORD_BITS).to(torch.int64)
+        bits = mask.view(n, -1, WORD_BITS).to(torch.int64)
         weights = torch.ones(WORD_BITS, dtype=torch.int64, device=w.device) << torch.arange(WORD_BITS, device=w.device)
-        words = (bits * weights).sum(dim=-1)  # [C, N, CK/32], values in [0, 2**32)
+        words = (bits * weights).sum(dim=-1)  # [N, KW], values in [0, 2**32)
         words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
         return cls(words.contiguous(), offsets, values, n, k, chunk_k)
 
@@ -85,8 +85,7 @@ class BitmapWeight:
         """Exact inverse of `from_dense`: returns the [N, K] weight."""
         device = self.bitmap.device
         shifts = torch.arange(WORD_BITS, device=device, dtype=torch.int32)
-        mask = ((self.bitmap.unsqueeze(-1) >> shifts) & 1).bool()  # [C, N, CK/32, 32]
-        mask = mask.view(self.num_chunks, self.n, self.chunk_k)
+        mask = ((self.bitmap.unsqueeze(-1) >> shifts) & 1).bool().view(self.n, -1)  # [N, C*CK]
         dense = torch.zeros(mask.shape, dtype=self.dtype, device=device)
         dense[mask] = self.values
-        return dense.transpose(0, 1).reshape(self.n, -1)[:, : self.k].contiguous()
+        return dense[:, : self.k].contiguous()

@@ -27,7 +27,7 @@ def decode_bitmap_tile(
 ):
     """Dense tile W[rows, chunk*CHUNK_K : (chunk+1)*CHUNK_K] as a [BLOCK_N, CHUNK_K] register tensor.
 
-    rank of element (n, j) in the packed values = offsets[chunk, n]              (row start, from the format)
+    rank of element (n, j) in the packed values = offsets[chunk, n]    (start of the row's run in this chunk)
                                                 + sum of popc of the row's earlier words  (cumsum, per word)
                                                 + popc(word & bits below j)              (per element)
     Rows >= N, and every row of a chunk >= num_chunks (the tail of the last split-K range), decode to zeros.
@@ -37,8 +37,8 @@ def decode_bitmap_tile(
     WORDS: tl.constexpr = CHUNK_K // 32
     row_ok = rows < tl.where(chunk < num_chunks, N, 0)
     word_ids = tl.arange(0, WORDS)
-    # words: [BLOCK_N, WORDS], contiguous over (row, word) for one chunk
-    words = tl.load(bitmap_ptr + (chunk * N + rows)[:, None] * WORDS + word_ids[None, :],
+    # words: [BLOCK_N, WORDS]; bitmap is [N, num_chunks * WORDS], each row's chunk is WORDS contiguous words
+    words = tl.load(bitmap_ptr + rows[:, None] * (num_chunks * WORDS) + chunk * WORDS + word_ids[None, :],
                     mask=row_ok[:, None], other=0).to(tl.uint32, bitcast=True)
     counts = popcount(words, HW_POPC)
     word_start = tl.load(offsets_ptr + chunk * N + rows, mask=row_ok, other=0)[:, None] + tl.cumsum(counts, 1) - counts

@@ -61,7 +61,7 @@ def _bitmap_walk_kernel(
     for i in range(chunks_per_split):
         chunk = pid_s * chunks_per_split + i
         row_ok = rows < tl.where(chunk < num_chunks, N, 0)
-        words = tl.load(bitmap_ptr + (chunk * N + rows) * WORDS + word, mask=row_ok, other=0).to(tl.uint32,
+        words = tl.load(bitmap_ptr + rows * (num_chunks * WORDS) + chunk * WORDS + word, mask=row_ok, other=0).to(tl.uint32,
                                                                                                     bitcast=True)
         counts = popcount(words, HW_POPC)
         # exclusive prefix of counts within each row's WORDS slots

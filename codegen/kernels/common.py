@@ -16,15 +16,18 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class TileConfig(NamedTuple):
     """One point of a kernel family's tuning space (UPPER_CASE meta-parameters of the Triton kernel)."""
 
-    family: str  # "mma" (tensor cores) or "gemv" (CUDA cores)
+    family: str  # "mma" (tensor cores), "gemv", "walk" or "rowwalk" (CUDA cores)
     block_n: int  # weight rows per program
     block_m: int  # tokens per program (mma pads to >= 16 in registers, never in HBM)
     split_k: int  # programs sharing one row block along K; partial sums reduced in fp32 afterwards
     num_warps: int
     num_stages: int
+    segments: int = 1  # rowwalk: K-segments per program (lanes = block_n * segments)
 
     def short(self) -> str:
-        return f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},s={self.num_stages}]"
+        seg = f",seg={self.segments}" if self.segments != 1 else ""
+        return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
+                f"s={self.num_stages}{seg}]")
 
 
 def interpreting() -> bool:
