@@ -33,7 +33,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-def sweep_point(n, k, m, sparsity, dtype, chunk_ks, log):
+def sweep_point(n, k, m, sparsity, dtype, chunk_ks, families, log):
     weights = [pruned_weight(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = torch.nn.functional.linear(x.float(), weights[0].float())
@@ -41,6 +41,8 @@ def sweep_point(n, k, m, sparsity, dtype, chunk_ks, log):
     for chunk_k in chunk_ks:
         fmts = [BitmapWeight.from_dense(w, chunk_k) for w in weights]
         for cfg in candidate_configs(m):
+            if families and cfg.family not in families:
+                continue
             launch = LAUNCHERS[cfg.family]
             try:
                 err = rel_err(launch(x, fmts[0], None, cfg), ref)
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.8, 0.9])
     parser.add_argument("--chunk-k", nargs="+", type=int, default=[128])
     parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--families", nargs="*", default=None, help="only these kernel families (default: all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -85,7 +88,7 @@ def main() -> None:
             n, k = map(int, shape.split("x"))
             for sparsity in args.sparsity:
                 for m in args.m:
-                    rows.append(sweep_point(n, k, m, sparsity, dtype, args.chunk_k, log))
+                    rows.append(sweep_point(n, k, m, sparsity, dtype, args.chunk_k, args.families, log))
                     log.flush()
                     print(rows[-1], flush=True)
     keys = sorted({key for row in rows for key in row}, key=lambda s: (s not in ("n", "k", "m", "sparsity"), s))
@@ -94,11 +97,15 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(gpu_info())
-    print(f"{'shape':>12} {'M':>3} {'sp':>4} {'cuBLAS':>8} {'mma':>8} {'x':>5} {'gemv':>8} {'x':>5}  dense GB/s, mma GB/s")
+    families = sorted({key[:-3] for row in rows for key in row if key.endswith("_us") and key != "cublas_us"})
+    print(f"{'shape':>12} {'M':>3} {'sp':>4} {'cuBLAS':>7} " + " ".join(f"{f:>9} {'x':>5}" for f in families)
+          + "  GB/s: dense " + " ".join(families))
     for r in rows:
-        print(f"{r['n']}x{r['k']:<6} {r['m']:>3} {r['sparsity']:>4} {r['cublas_us']:8.1f} {r.get('mma_us', 0):8.1f} "
-              f"{r.get('mma_speedup', 0):5.2f} {r.get('gemv_us', 0):8.1f} {r.get('gemv_speedup', 0):5.2f}  "
-              f"{r['dense_GBps']:.0f} {r.get('mma_GBps', 0):.0f}")
+        cells = " ".join(f"{r.get(f + '_us', float('nan')):9.1f} {r.get(f + '_speedup', float('nan')):5.2f}"
+                         for f in families)
+        rates = " ".join(f"{r.get(f + '_GBps', float('nan')):.0f}" for f in families)
+        print(f"{r['n']}x{r['k']:<6} {r['m']:>3} {r['sparsity']:>4} {r['cublas_us']:7.1f} {cells}  "
+              f"{r['dense_GBps']:.0f} {rates}")
 
 
 if __name__ == "__main__":
