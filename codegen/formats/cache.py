@@ -3,7 +3,10 @@ several graphs sharing a layer) reuse the compressed tensors instead of duplicat
 
 from __future__ import annotations
 
+import itertools
 import weakref
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -14,8 +17,9 @@ _CACHE: dict[int, tuple[weakref.ref, int, int, bool, BitmapWeight]] = {}
 STATS = {"compressions": 0, "reuses": 0}
 
 
-def _version(weight: torch.Tensor) -> int:
-    return -1 if weight.is_inference() else weight._version
+def _version(weight: torch.Tensor) -> tuple[int, int]:
+    """(version counter, data pointer): `param.data = new` swaps the storage without bumping the counter."""
+    return -1 if weight.is_inference() else weight._version, weight.data_ptr()
 
 
 def compress_weight(weight: torch.Tensor, chunk_k: int, transposed: bool = False) -> BitmapWeight:
@@ -40,23 +44,72 @@ def compress_weight(weight: torch.Tensor, chunk_k: int, transposed: bool = False
 
 def clear_compression_cache() -> None:
     _CACHE.clear()
+    _DERIVED.clear()
+
+
+T = TypeVar("T")
+# (tag, ids of the weights) -> (weak references to the weights, their versions, result)
+_DERIVED: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], object]] = {}
+
+
+def derive_once(weights: Sequence[torch.Tensor], tag: tuple, build: Callable[[], T]) -> T:
+    """`build()` once per (identities + versions of `weights`, tag): the cache of `compress_weight` for data
+    derived from several weights (fused siblings, a sliced weight).  Inference tensors are rebuilt every time."""
+    key = (tag, *map(id, weights))
+    versions = tuple(map(_version, weights))
+    hit = _DERIVED.get(key)
+    if (hit is not None and not any(w.is_inference() for w in weights) and hit[1] == versions
+            and all(ref() is w for ref, w in zip(hit[0], weights))):
+        STATS["reuses"] += 1
+        return hit[2]
+    result = build()
+    _DERIVED[key] = (tuple(weakref.ref(w, lambda _, key=key: _DERIVED.pop(key, None)) for w in weights), versions,
+                     result)
+    return result
+
+
+def compress_weights(weights: Sequence[torch.Tensor], chunk_k: int, transposed: bool = False) -> BitmapWeight:
+    """BitmapWeight of the row-concatenation [N_1 + ... + N_s, K] of `weights` (each [N_i, K]; [K, N_i] when
+    `transposed`): sibling linears fused into one.  Compressed once per set of parameters (identities + versions)."""
+
+    def build() -> BitmapWeight:
+        with torch.no_grad():
+            fmt = BitmapWeight.from_dense(torch.cat([w.t() if transposed else w for w in weights]), chunk_k)
+        STATS["compressions"] += 1
+        return fmt
+
+    return derive_once(weights, ("concat", chunk_k, transposed), build)
 
 
 # token -> (weak reference to a compressed weight, its version when compressed). Compiled code may hand the
 # op a different tensor object for a parameter (its version counter is not always shared), so freshness is
 # checked on the original object, through this registry.
 _WATCHED: dict[int, tuple[weakref.ref, int]] = {}
+# token -> tokens of its weights: one token for several weights (`watch_weights`)
+_WATCHED_SETS: dict[int, tuple[int, ...]] = {}
+_TOKENS = itertools.count()
 
 
 def watch_weight(weight: torch.Tensor) -> int:
     """Remember `weight` and its current version; returns the token to pass to `weight_is_stale`."""
-    token = len(_WATCHED)
+    token = next(_TOKENS)
     _WATCHED[token] = (weakref.ref(weight), _version(weight))
     return token
 
 
+def watch_weights(weights: Sequence[torch.Tensor]) -> int:
+    """One token for several weights (fused siblings, or a sliced weight): stale when any of them is.  Such a
+    token has no single original tensor, so the op's dense weight (derived in the graph) is not compared with one."""
+    token = next(_TOKENS)
+    _WATCHED_SETS[token] = tuple(watch_weight(w) for w in weights)
+    return token
+
+
 def weight_is_stale(token: int) -> bool:
-    """True when the watched weight was modified in place since `watch_weight` (False if it was freed)."""
+    """True when the watched weight (any of them, for a `watch_weights` token) was modified in place since it
+    was watched (False if it was freed)."""
+    if token in _WATCHED_SETS:
+        return any(weight_is_stale(t) for t in _WATCHED_SETS[token])
     entry = _WATCHED.get(token)
     if entry is None:
         return False
