@@ -61,7 +61,7 @@ def m_bucket(m: int) -> int:
 def default_config(m: int) -> TileConfig:
     """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture)."""
     if m <= ROWWALK_MAX_M:
-        return TileConfig("rowwalk", 32, triton.next_power_of_2(max(m, 1)), 4, 8, 1, 8, 4)
+        return TileConfig("rowwalk", 32, triton.next_power_of_2(max(m, 1)), 1, 16, 1, 16)
     return TileConfig("mma", 64, min(64, max(16, triton.next_power_of_2(m))), 2 if m <= 64 else 1, 4, 3)
 
 

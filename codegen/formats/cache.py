@@ -13,7 +13,7 @@ import torch
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
 # id(weight) -> (weak reference to the weight, version, chunk_k, transposed, compressed)
-_CACHE: dict[int, tuple[weakref.ref, int, int, bool, BitmapWeight]] = {}
+_CACHE: dict[int, tuple[weakref.ref, tuple[int, int], int, bool, BitmapWeight]] = {}
 STATS = {"compressions": 0, "reuses": 0}
 
 
@@ -84,7 +84,7 @@ def compress_weights(weights: Sequence[torch.Tensor], chunk_k: int, transposed: 
 # token -> (weak reference to a compressed weight, its version when compressed). Compiled code may hand the
 # op a different tensor object for a parameter (its version counter is not always shared), so freshness is
 # checked on the original object, through this registry.
-_WATCHED: dict[int, tuple[weakref.ref, int]] = {}
+_WATCHED: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
 # token -> tokens of its weights: one token for several weights (`watch_weights`)
 _WATCHED_SETS: dict[int, tuple[int, ...]] = {}
 _TOKENS = itertools.count()

@@ -11,7 +11,8 @@ One round of the walk, on every lane at once (a lane with no bit left idles):
     vi    += 1;  w &= w - 1
     if w == 0: wi += 1; w = bitmap[row, wi]                           next word = next address (row-major)
 A word with p bits costs p rounds (an empty one, one round); the program runs the maximum over its lanes.
-Each round depends on loads, so the next word and (PREFETCH) the next values are loaded ahead of their use.
+Many lanes per SM (BLOCK_N x SEGMENTS per program, split-K across programs) hide the loads' latency; a 4-deep
+FIFO of values loaded ahead was measured slower on the H100 (more instructions per round, no latency gain).
 Activations come transposed, xt: [K, BLOCK_M], so one 2..16-byte load fetches a column for every token.
 """
 
@@ -35,10 +36,9 @@ def get_bitmap_rowwalk_configs(m: int) -> list[TileConfig]:
         return []
     block_m = triton.next_power_of_2(max(m, 1))
     return [
-        TileConfig("rowwalk", block_n, block_m, split_k, block_n * segments // 32, 1, segments, prefetch)
-        for block_n, segments in ((32, 4), (32, 8), (32, 16), (64, 4), (64, 8))
+        TileConfig("rowwalk", block_n, block_m, split_k, block_n * segments // 32, 1, segments)
+        for block_n, segments in ((32, 8), (32, 16), (64, 4), (64, 8))
         for split_k in (1, 2, 4, 8)
-        for prefetch in (0, 4)
     ]
 
 
@@ -50,7 +50,7 @@ def _bitmap_rowwalk_kernel(
     M, N, stride_om, stride_os, chunks_per_split, num_chunks,
     # meta-parameters
     HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, CHUNK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, SEGMENTS: tl.constexpr, PREFETCH: tl.constexpr, HW_POPC: tl.constexpr,
+    BLOCK_M: tl.constexpr, SEGMENTS: tl.constexpr, HW_POPC: tl.constexpr,
 ):
     """out[m, n] = sum over nonzeros W[n, k] * xt[k, m] (+ bias[n]); lanes [SEGMENTS, BLOCK_N] reduced over
     SEGMENTS at the end.  With PARTIALS (split-K) writes fp32 partials out[pid_s, m, n]."""
@@ -81,16 +81,9 @@ def _bitmap_rowwalk_kernel(
         lane_rounds += tl.sum((words == 0).to(tl.int32), axis=2)
     rounds = tl.max(tl.max(lane_rounds, axis=1), axis=0)
 
-    # Loads are issued ahead of their use so that a lane's next HBM sector is in flight while it works:
-    # the next bitmap word always, and with PREFETCH the next 4 values (a FIFO q0..q3 shifted per value).
-    v_end = vi + nnz
+    # The next bitmap word is loaded one word ahead of its use, so a round rarely waits on it.
     w = tl.load(bitmap_row + wi, mask=row_ok & (wi < w_end), other=0).to(tl.uint32, bitcast=True)
     w_next = tl.load(bitmap_row + wi + 1, mask=row_ok & (wi + 1 < w_end), other=0).to(tl.uint32, bitcast=True)
-    if PREFETCH:
-        q0 = tl.load(values_ptr + vi, mask=vi < v_end, other=0.0).to(tl.float32)
-        q1 = tl.load(values_ptr + vi + 1, mask=vi + 1 < v_end, other=0.0).to(tl.float32)
-        q2 = tl.load(values_ptr + vi + 2, mask=vi + 2 < v_end, other=0.0).to(tl.float32)
-        q3 = tl.load(values_ptr + vi + 3, mask=vi + 3 < v_end, other=0.0).to(tl.float32)
     toks = tl.arange(0, BLOCK_M)
     if BLOCK_M == 1:
         acc = tl.zeros((SEGMENTS, BLOCK_N), dtype=tl.float32)
@@ -100,15 +93,7 @@ def _bitmap_rowwalk_kernel(
         live = w != 0
         low = w & (0 - w)
         col = wi * 32 + popcount(low - 1, HW_POPC)  # [SEGMENTS, BLOCK_N]: column of the lowest set bit
-        if PREFETCH:
-            v = tl.where(live, q0, 0.0)
-            ahead = tl.load(values_ptr + vi + 4, mask=live & (vi + 4 < v_end), other=0.0).to(tl.float32)
-            q0 = tl.where(live, q1, q0)
-            q1 = tl.where(live, q2, q1)
-            q2 = tl.where(live, q3, q2)
-            q3 = tl.where(live, ahead, q3)
-        else:
-            v = tl.load(values_ptr + vi, mask=live, other=0.0).to(tl.float32)
+        v = tl.load(values_ptr + vi, mask=live, other=0.0).to(tl.float32)
         if BLOCK_M == 1:
             acc += v * tl.load(xt_ptr + col, mask=live, other=0.0).to(tl.float32)
         else:
@@ -154,7 +139,7 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
         xt, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
         m, fmt.n, fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
         HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k, BLOCK_N=config.block_n,
-        BLOCK_M=config.block_m, SEGMENTS=config.segments, PREFETCH=config.prefetch, HW_POPC=not interpreting(),
+        BLOCK_M=config.block_m, SEGMENTS=config.segments, HW_POPC=not interpreting(),
         num_warps=config.num_warps, num_stages=1,
     )
     return out if split_k == 1 else finish_split_k(out, bias, x.dtype)

@@ -23,10 +23,9 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int
     segments: int = 1  # rowwalk: K-segments per program (lanes = block_n * segments)
-    prefetch: int = 0  # rowwalk: values each lane loads ahead of use (0 or 4)
 
     def short(self) -> str:
-        seg = f",seg={self.segments},pf={self.prefetch}" if self.family == "rowwalk" else ""
+        seg = f",seg={self.segments}" if self.family == "rowwalk" else ""
         return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
                 f"s={self.num_stages}{seg}]")
 
