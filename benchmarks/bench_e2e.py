@@ -11,8 +11,9 @@ a random prompt of --prompt-len tokens is decoded greedily for exactly --new-tok
 `model.generate(..., cache_implementation="static")` under three configurations:
 
   eager     the plain model: one warm-up generate, one timed generate
-  inductor  model.forward = torch.compile(forward, backend="inductor", mode="reduce-overhead")
-  flashllm  model.forward = torch.compile(forward, backend="flashllm", mode="reduce-overhead")
+  inductor  generate(..., compile_config=CompileConfig(backend="inductor", mode="reduce-overhead"))
+  flashllm  generate(..., compile_config=CompileConfig(backend="flashllm", mode="reduce-overhead"))
+            (transformers compiles the decode step, CUDA graphs included; the prefill runs eager)
 
 For the compiled configurations the first generate is timed as compile_s (tracing, Inductor, CUDA-graph
 recording and flashllm autotuning), a second one warms up, a third is timed.  Dynamo is reset between
@@ -31,7 +32,7 @@ bench_e2e.png (tokens/s against batch, one panel per sparsity) and a table print
                         activations, CUDA-graph pools)
   token_match           fraction of generated tokens equal to the inductor row's (same prompt); eager and
                         flashllm rows (greedy decoding of random weights: fp16 rounding can flip near-ties)
-  kernel_hits           flashllm only: flashllm_compile.ops.KERNEL_HITS increments (dense/mma/gemv/walk/...)
+  kernel_hits           flashllm only: flashllm_compile.ops.KERNEL_HITS increments (dense/mma/rowwalk/...)
                         over all three generates, then over the timed one; under CUDA graphs the timed run
                         replays graphs and runs no Python, so its count is normally empty
   error                 the exception of a configuration that failed (the benchmark goes on)
@@ -129,23 +130,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding of exactly `new_tokens` tokens (min_new_tokens = max_new_tokens: no early EOS stop)."""
+def generate(model, ids: torch.Tensor, new_tokens: int, compile_config=None) -> torch.Tensor:
+    """Greedy decoding of exactly `new_tokens` tokens (min_new_tokens = max_new_tokens: no early EOS stop).
+
+    With a transformers `CompileConfig`, generate() compiles the decode step itself (the prefill runs eager)
+    and owns the CUDA-graph bookkeeping of the static cache; without one it runs eager (`disable_compile`:
+    transformers would otherwise compile with Inductor whenever the cache is static on a GPU)."""
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.config.eos_token_id
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                          pad_token_id=pad,
-                          # transformers would otherwise compile the forward itself (static cache on a GPU),
-                          # compiling the eager configuration too and wrapping ours in a second compile
-                          disable_compile=True)
+                          pad_token_id=pad, disable_compile=compile_config is None, compile_config=compile_config)
 
 
-def timed_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float]:
+def timed_generate(model, ids: torch.Tensor, new_tokens: int, compile_config=None) -> tuple[torch.Tensor, float]:
     _sync(ids.device)
     start = time.perf_counter()
-    out = generate(model, ids, new_tokens)
+    out = generate(model, ids, new_tokens, compile_config)
     _sync(ids.device)
     return out, time.perf_counter() - start
 
@@ -194,15 +196,18 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
                 from flashllm_compile.codegen.autotune import AUTOTUNER
 
                 AUTOTUNER.clear(cold_cache_dir)  # forget (in memory and on disk) every earlier tuning
-            kwargs = {"backend": config} if mode is None else {"backend": config, "mode": mode}
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig(backend=config, mode=mode, fullgraph=False)
             with record_decisions() as decisions:  # filled by the flashllm compiles during the first generate
-                model.forward = torch.compile(orig_forward, **kwargs)
-                _, row["compile_s"] = timed_generate(model, ids, new_tokens)
-        generate(model, ids, new_tokens)  # warm-up (for compiled configs: CUDA graphs recorded, caches hot)
+                _, row["compile_s"] = timed_generate(model, ids, new_tokens, compile_config)
+        else:
+            compile_config = None
+        generate(model, ids, new_tokens, compile_config)  # warm-up (compiled: CUDA graphs recorded, caches hot)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         hits_before = collections.Counter(ops.KERNEL_HITS)
-        tokens, seconds = timed_generate(model, ids, new_tokens)
+        tokens, seconds = timed_generate(model, ids, new_tokens, compile_config)
         hits_timed = collections.Counter(ops.KERNEL_HITS) - hits_before
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / GB
@@ -214,6 +219,9 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
         row["error"] = f"{type(e).__name__}: {message[0] if message else ''}"[:300]
     finally:
         model.forward = orig_forward
+        for attr in ("_compiled_call", "_last_compile_config"):  # transformers' cached compiled decode step
+            if hasattr(model, attr):
+                delattr(model, attr)
         reset_compiled_state(device)
     if config == "flashllm":
         # The compression is cached per weight, so the graphs of one compile (prefill, decode) share it:

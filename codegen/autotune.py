@@ -1,7 +1,7 @@
 """Pick the implementation of one sparse linear per (shape, density, M bucket) by measuring it on the GPU.
 
-FlashDecoding++-style dispatch: for a given M the candidates are the row-walking and word-walking kernels and
-the GEMV kernel (M <= 8), the tensor-core kernel, and dense cuBLAS (when the dense weight is kept).  Each is timed with `triton.testing.do_bench`
+FlashDecoding++-style dispatch: for a given M the candidates are the row-walking CUDA-core kernel (M <= 8), the
+tensor-core kernel, and dense cuBLAS (when the dense weight is kept).  Each is timed with `triton.testing.do_bench`
 (medians, L2 flushed between runs, so weights come from HBM as in a real decode step); the fastest wins, so a
 sparse kernel that is slower than dense is never chosen.  Results persist in a JSON file keyed by GPU name,
 torch/triton versions and a hash of the kernel sources, so a second compile does not re-tune.
@@ -23,21 +23,18 @@ import torch
 import triton
 
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import ROWWALK_MAX_M, bitmap_rowwalk, get_bitmap_rowwalk_configs
-from flashllm_compile.codegen.kernels.bitmap_walk import bitmap_walk, get_bitmap_walk_configs
 from flashllm_compile.codegen.kernels.common import TileConfig
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = {"mma": bitmap_mma, "gemv": bitmap_gemv, "walk": bitmap_walk, "rowwalk": bitmap_rowwalk}
+LAUNCHERS = {"mma": bitmap_mma, "rowwalk": bitmap_rowwalk}
 
 
 def candidate_configs(m: int) -> list[TileConfig]:
     """Every sparse config worth timing for M tokens, all families."""
-    return (get_bitmap_rowwalk_configs(m) + get_bitmap_walk_configs(m) + get_bitmap_gemv_configs(m)
-            + get_bitmap_mma_configs(m))
+    return get_bitmap_rowwalk_configs(m) + get_bitmap_mma_configs(m)
 DENSITY_STEP = 0.05  # densities within one step share a tuning result
 MAX_M_BUCKET = 4096  # larger M reuses the 4096 decision
 TUNE_WARMUP_MS, TUNE_REP_MS = 2, 10
@@ -47,7 +44,7 @@ TUNE_WARMUP_MS, TUNE_REP_MS = 2, 10
 class Choice:
     """The implementation picked for one key; `config` is None for dense."""
 
-    family: str  # "dense", "mma" or "gemv"
+    family: str  # "dense" or a LAUNCHERS family
     config: TileConfig | None
     time_us: float  # measured time of the choice (nan when not measured)
     dense_us: float  # measured dense time (nan when not measured / not allowed)

@@ -10,10 +10,8 @@ import torch
 
 from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.kernels.bitmap_gemv import bitmap_gemv, get_bitmap_gemv_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import bitmap_rowwalk, get_bitmap_rowwalk_configs
-from flashllm_compile.codegen.kernels.bitmap_walk import bitmap_walk, get_bitmap_walk_configs
 from flashllm_compile.codegen.kernels.common import TileConfig
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -45,15 +43,12 @@ def rel_err(y, ref):
     return ((y.float().cpu() - ref).norm() / ref.norm()).item()
 
 
-# family -> (token counts, (N, K, sparsity) cases, split-K values): gemv and walk are the small-M families
+# family -> (token counts, (N, K, sparsity) cases, split-K values): rowwalk is the small-M family
 FAMILY_CASES = {
     "mma": ([1, 2, 3, 8, 16, 33], [(70, 200, 0.8), (33, 300, 0.5), (64, 128, 0.9)], (1, 3)),
-    "gemv": ([1, 2, 3, 8], [(70, 200, 0.8), (33, 300, 0.5)], (1, 2)),
-    "walk": ([1, 2, 3, 8], [(70, 200, 0.8), (33, 300, 0.5), (16, 64, 0.0)], (1, 2)),
-    "rowwalk": ([1, 2, 3, 8], [(70, 200, 0.8), (33, 300, 0.5), (16, 64, 0.0), (40, 330, 0.97)], (1, 3)),
+    "rowwalk": ([1, 3, 8], [(70, 200, 0.8), (33, 300, 0.5), (40, 330, 0.97)], (1, 3)),
 }
-CONFIGS = {"mma": get_bitmap_mma_configs, "gemv": get_bitmap_gemv_configs, "walk": get_bitmap_walk_configs,
-           "rowwalk": get_bitmap_rowwalk_configs}
+CONFIGS = {"mma": get_bitmap_mma_configs, "rowwalk": get_bitmap_rowwalk_configs}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -76,7 +71,7 @@ def test_every_tuned_config_is_correct_on_an_odd_shape():
     w, x, b, ref = make_case(37, 161, 5, 0.7, torch.float16, bias=False)
     fmt = BitmapWeight.from_dense(w, chunk_k=32)
     configs = candidate_configs(5)
-    assert {c.family for c in configs} == {"gemv", "mma", "walk", "rowwalk"}
+    assert {c.family for c in configs} == {"mma", "rowwalk"}
     for config in configs:
         launch = LAUNCHERS[config.family]
         assert rel_err(launch(x, fmt, b, config), ref) < 1e-2, config
@@ -93,7 +88,7 @@ def test_all_zero_and_fully_dense_weights():
 def test_nan_in_input_propagates_like_dense():
     w, x, _, _ = make_case(16, 64, 2, 0.5, torch.float16, bias=False)
     x[0, 3] = float("nan")
-    y = bitmap_gemv(x, BitmapWeight.from_dense(w, 32), None, TileConfig("gemv", 16, 2, 1, 4, 2))
+    y = bitmap_mma(x, BitmapWeight.from_dense(w, 32), None, TileConfig("mma", 64, 16, 1, 4, 2))
     dense = torch.nn.functional.linear(x.float(), w.float())
     # a NaN input meets zeros that the sparse kernel never multiplies: where dense is NaN only because of
     # 0 * NaN the sparse result is finite; everything else must agree
@@ -102,8 +97,6 @@ def test_nan_in_input_propagates_like_dense():
 
 
 @pytest.mark.parametrize("launch, config", [(bitmap_mma, TileConfig("mma", 64, 16, 1, 4, 2)),
-                                            (bitmap_gemv, TileConfig("gemv", 16, 4, 1, 4, 2)),
-                                            (bitmap_walk, TileConfig("walk", 16, 4, 1, 4, 1)),
                                             (bitmap_rowwalk, TileConfig("rowwalk", 32, 4, 1, 4, 1, 4))])
 def test_bad_inputs_raise_clearly(launch, config):
     w, x, b, _ = make_case(16, 64, 2, 0.5, torch.float16)
