@@ -50,6 +50,15 @@ class Choice:
     dense_us: float  # measured dense time (nan when not measured / not allowed)
 
 
+def dense_linear(x: torch.Tensor, dense: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None = None):
+    """cuBLAS on the dense weight: one [N, K] tensor, or a fused op's member weights [N_i, K] (row blocks of the
+    fused weight, used in place: no concatenated copy), whose outputs are concatenated.  x: [M, K] -> [M, N]."""
+    if isinstance(dense, torch.Tensor) or len(dense) == 1:
+        return torch.nn.functional.linear(x, dense if isinstance(dense, torch.Tensor) else dense[0], bias)
+    out = torch.cat([torch.nn.functional.linear(x, w) for w in dense], dim=-1)
+    return out if bias is None else out + bias
+
+
 def m_bucket(m: int) -> int:
     """Next power of two >= m, capped at MAX_M_BUCKET."""
     return min(MAX_M_BUCKET, triton.next_power_of_2(max(m, 1)))
@@ -123,9 +132,9 @@ class Autotuner:
         except OSError as e:
             warnings.warn(f"flashllm: could not write autotune cache {path}: {e}", stacklevel=2)
 
-    def choose(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | None, *, allow_dense: bool,
-               tune: bool, cache_dir: str) -> Choice:
-        """The implementation to run for M tokens. Tunes on first sight of a key, unless `tune` is False or a
+    def choose(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | list[torch.Tensor] | None, *,
+               allow_dense: bool, tune: bool, cache_dir: str) -> Choice:
+        """The implementation to run for M tokens (`dense_weight` as in `dense_linear`). Tunes on first sight of a key, unless `tune` is False or a
         CUDA graph is being captured (then the untuned default).  Called on every op call: a hit costs one dict
         lookup."""
         fast_key = (fmt.n, fmt.k, fmt.chunk_k, fmt.nnz, fmt.values.dtype, fmt.values.device, m_bucket(m), allow_dense)
@@ -153,13 +162,13 @@ class Autotuner:
             log.info("flashllm autotune %s -> %s", key, choice)
             return choice
 
-    def _measure(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | None) -> Choice:
+    def _measure(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | list[torch.Tensor] | None) -> Choice:
         m = m_bucket(m)
         x = torch.randn(m, fmt.k, device=fmt.values.device, dtype=fmt.dtype)
         timings: list[tuple[float, str, TileConfig | None]] = []
         dense_us = float("nan")
         if dense_weight is not None:
-            dense_us = _bench(lambda: torch.nn.functional.linear(x, dense_weight))
+            dense_us = _bench(lambda: dense_linear(x, dense_weight))
             timings.append((dense_us, "dense", None))
         for config in candidate_configs(m):
             try:

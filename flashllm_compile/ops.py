@@ -11,30 +11,64 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS
+from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS, dense_linear
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.formats.cache import weight_is_stale
+from flashllm_compile.codegen.formats.cache import _WATCHED, _WATCHED_SETS, weight_is_stale
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES, interpreting
 from flashllm_compile.options import KernelPreference, default_cache_dir
 
-# Which implementation ran, per call ("dense", "emulated", "mma", "gemv"): lets tests prove the path ran.
+# Which implementation ran, per call ("dense", "emulated", "mma", "rowwalk"): lets tests prove the path ran.
 KERNEL_HITS: collections.Counter[str] = collections.Counter()
 
 # Process-wide runtime settings the op reads (the op's signature only carries per-layer data).
 RUNTIME = {"autotune": True, "cache_dir": default_cache_dir()}
 
 
-def _check_weight_unchanged(weight_token: int, name: str) -> None:
-    """Compressed tensors are a snapshot; an in-place update of the weight after compile would make them
-    stale, so refuse rather than return stale results. (Not checked inside CUDA-graph replays.)"""
-    if weight_token >= 0 and weight_is_stale(weight_token):
+# token -> data pointer of the weight the compressed tensors were made from (recorded on the op's first call)
+_WEIGHT_PTRS: dict[int, int] = {}
+
+
+def _is_compressed_weight(weight_token: int, dense_weight: torch.Tensor) -> bool:
+    """Is `dense_weight` (the weight the compiled graph passes now) still the tensor that was compressed?
+    Dynamo does not guard on parameter identity: after `module.weight = nn.Parameter(new)`, or when one compiled
+    graph serves several instances of a module class (`layer.compile()` per layer), it gets another tensor."""
+    ptr = _WEIGHT_PTRS.get(weight_token)
+    if ptr is None:
+        original = _WATCHED[weight_token][0]()  # the caller checked the token is a single-weight one
+        ptr = _WEIGHT_PTRS[weight_token] = (dense_weight if original is None else original).data_ptr()
+    return dense_weight.data_ptr() == ptr
+
+
+def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Tensor | None = None,
+                            weights: list[torch.Tensor] | None = None) -> None:
+    """Compressed tensors are a snapshot; an in-place update of the weight after compile, or a replaced
+    weight tensor, would make them stale, so refuse rather than return stale results. (Not checked inside
+    CUDA-graph replays; writes through `.data`, which bypass the version counter, are not seen.)"""
+    if weight_token < 0:
+        return
+    if weight_is_stale(weight_token):
         raise RuntimeError(
-            f"flashllm: the weight of '{name}' was modified in place after it was compressed at compile time. "
-            "Call torch._dynamo.reset() and compile again so the weight is recompressed."
+            f"flashllm: the weight of '{name}' was modified in place (or its .data reassigned) after it was "
+            "compressed at compile time. Call torch._dynamo.reset() and compile again so the weight is recompressed."
+        )
+    if weights is not None and weight_token in _WATCHED_SETS:  # fused / sliced: each parameter against its token
+        replaced = not all(_is_compressed_weight(t, w) for t, w in zip(_WATCHED_SETS[weight_token], weights))
+    else:  # a single weight: its dense weight (a fused / sliced op's is built in the graph, hence `weights`)
+        replaced = dense_weight is not None and weight_token in _WATCHED and not _is_compressed_weight(weight_token,
+                                                                                                    dense_weight)
+    if replaced:
+        raise RuntimeError(
+            f"flashllm: '{name}' got another weight tensor than the one compressed at compile time: the parameter "
+            "was replaced (e.g. `module.weight = nn.Parameter(...)`), or this compiled graph is reused for another "
+            "instance of the same module class (Dynamo does not guard on parameter identity: compile the model that "
+            "contains them all once). Call torch._dynamo.reset() and compile again."
         )
 
 
-@torch.library.custom_op("flashllm::sparse_linear", mutates_args=())
+# The schema is spelled out for `weights` (an optional tensor list, which the annotation-based inference rejects).
+@torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=(
+    "(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor? bias, Tensor? dense_weight, SymInt n, SymInt k, "
+    "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None) -> Tensor"))
 def sparse_linear(
     x: torch.Tensor,
     bitmap: torch.Tensor,
@@ -48,13 +82,22 @@ def sparse_linear(
     kernel: str,
     name: str,
     weight_token: int,
+    weights: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W[N, K]^T (+ bias) with W given by the bitmap format (bitmap, offsets, values).
 
     dense_weight: the original [N, K] weight (or a view of it) when kept for the dense fallback, else None.
     kernel: a KernelPreference value. name: the layer, for errors. weight_token: from `watch_weight` (-1: none).
+    weights: for a fused or sliced op (a `watch_weights` token), the parameters it was compressed from: checked to
+    still be the tensors that were compressed, and for a fused op (when they tile [N, K] by rows) the dense
+    fallback runs on them in place, one GEMM each.
     """
-    _check_weight_unchanged(weight_token, name)
+    _check_weight_unchanged(weight_token, name, dense_weight, weights)
+    # A fused op's dense fallback runs on its member weights in place (row blocks of the fused weight).
+    dense = dense_weight
+    if dense is None and weights and all(w.dim() == 2 and w.shape[1] == k for w in weights) and sum(
+            w.shape[0] for w in weights) == n:
+        dense = list(weights)
     if x.shape[-1] != k:
         raise ValueError(f"flashllm '{name}': input has {x.shape[-1]} features, the weight expects {k}")
     fmt = BitmapWeight(bitmap, offsets, values, n, k, chunk_k)
@@ -68,15 +111,14 @@ def sparse_linear(
     if preference is KernelPreference.EMULATED or (preference is KernelPreference.AUTO and not usable):
         family, out = "emulated", F.linear(x2d, fmt.to_dense().to(x.dtype), bias)
     elif preference is KernelPreference.DENSE:
-        weight = dense_weight if dense_weight is not None else fmt.to_dense()
-        family, out = "dense", F.linear(x2d, weight, bias)
+        family, out = "dense", dense_linear(x2d, dense if dense is not None else fmt.to_dense(), bias)
     else:
-        choice = AUTOTUNER.choose(fmt, x2d.shape[0], dense_weight, allow_dense=(
-            preference is KernelPreference.AUTO and dense_weight is not None),
+        choice = AUTOTUNER.choose(fmt, x2d.shape[0], dense, allow_dense=(
+            preference is KernelPreference.AUTO and dense is not None),
             tune=RUNTIME["autotune"] and not interpreting(), cache_dir=RUNTIME["cache_dir"])
         family = choice.family
         if family == "dense":
-            out = F.linear(x2d, dense_weight, bias)
+            out = dense_linear(x2d, dense, bias)
         else:
             out = LAUNCHERS[family](x2d, fmt, bias, choice.config)
     KERNEL_HITS[family] += 1
@@ -84,7 +126,7 @@ def sparse_linear(
 
 
 @sparse_linear.register_fake
-def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token):
+def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None):
     torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
     return x.new_empty((*x.shape[:-1], n))
 
@@ -106,7 +148,10 @@ def _backward(ctx, grad):
     grad_x = (grad2d @ weight.to(grad.dtype)).reshape(x.shape) if ctx.needs_input_grad[0] else None
     grad_bias = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
     grad_w = grad2d.t() @ x.reshape(-1, k) if ctx.needs_input_grad[5] else None
-    return grad_x, None, None, None, grad_bias, grad_w, None, None, None, None, None, None
+    grads = (grad_x, None, None, None, grad_bias, grad_w, None, None, None, None, None, None)
+    # `weights` (only when passed; autograd wants the structure of the passed inputs): never differentiated
+    passed = ctx.needs_input_grad[len(grads):]
+    return (*grads, *(None if p is None else [None] * len(p) for p in passed))
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)

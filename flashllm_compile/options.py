@@ -43,6 +43,14 @@ class FlashLLMOptions:
     chunk_k            columns per chunk of the bitmap format (multiple of 32).
     release_dense_weights  do not keep the dense weight in the compiled graph (no dense fallback; the sparse
                        kernel runs for every M). See `flashllm_compile.sparsify_` to also free the parameters.
+    fuse_siblings      fuse rewritten linears that read the same input (LLaMA q/k/v, gate/up) into one sparse_linear
+                       on their concatenated weight, outputs split as views (passes/fuse_sibling_linears.py).
+    slice_structured_zeros  compute only the nonzero rows / columns of a rewritten weight that has all-zero rows /
+                       columns, and scatter the output back; exact (passes/slice_structured_zeros.py).
+                       For either, when the dense fallback is kept and may run (kernel "auto" on CUDA, "dense"),
+                       the op's fused / sliced dense weight is built in the graph on every call (torch.cat /
+                       index_select of the parameters: a copy of those weights, paid also when a sparse kernel
+                       is chosen); release_dense_weights=True avoids it.
     mode               Inductor mode to forward (torch.compile refuses `mode` and `options` together).
     inductor_config    extra Inductor config patches.
     """
@@ -54,6 +62,8 @@ class FlashLLMOptions:
     cache_dir: str = field(default_factory=default_cache_dir)
     chunk_k: int = 128
     release_dense_weights: bool = False
+    fuse_siblings: bool = True
+    slice_structured_zeros: bool = True
     mode: str | None = None
     inductor_config: dict[str, Any] = field(default_factory=dict)
 

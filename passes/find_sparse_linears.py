@@ -20,6 +20,7 @@ from torch import fx
 
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES
 from flashllm_compile.options import FlashLLMOptions
+from flashllm_compile.passes import dtensor_linears
 
 aten = torch.ops.aten
 LINEAR_TARGETS = {torch._C._nn.linear, torch.nn.functional.linear, aten.linear.default}
@@ -43,6 +44,7 @@ class LinearMatch:
     name: str  # module path of the weight, for reports and errors
     skip_reason: str | None = None  # None: rewrite it
     sparsity: float = float("nan")  # exact-zero fraction of the weight, measured once (nan: not measurable)
+    dtensor: str | None = None  # tensor parallelism: "colwise"/"rowwise" when the weight is a DTensor shard
 
     @property
     def out_features(self) -> int:
@@ -134,6 +136,7 @@ def _meta_val(node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node):
         return None
     val = node.meta.get("val", node.meta.get("example_value"))  # Dynamo graphs carry "example_value"
+    val = dtensor_linears.local_shard(val)  # tensor parallelism: the shard this rank computes on
     return val if isinstance(val, torch.Tensor) else None
 
 
@@ -162,6 +165,8 @@ def skip_reason(match: LinearMatch, options: FlashLLMOptions) -> str | None:
         return "bias_not_1d"
     if w.numel() < options.min_weight_numel:
         return "too_small"
+    if w.numel() == 0:  # N or K = 0 (min_weight_numel=0): nothing to compress; its sparsity is nan
+        return "empty_weight"
     if w.is_meta:
         return "meta_weight"
     if match.sparsity < options.min_sparsity:
@@ -206,13 +211,17 @@ def find_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLMOpt
             continue  # plain matmuls of activations (attention) are not linears
         weight, name = resolved
         name = name.removesuffix(".weight")
+        tp_style = tp_reason = None
+        if dtensor_linears.is_dtensor(weight):  # tensor parallelism: this rank's shard (passes/dtensor_linears.py)
+            tp_style, tp_reason = dtensor_linears.classify(node, x, bias, weight, transposed)
+            weight = dtensor_linears.local_shard(weight)
         match = LinearMatch(node, x, weight_node, weight, transposed, bias if isinstance(bias, fx.Node) else None,
-                            name, sparsity=exact_zero_fraction(weight))
+                            name, sparsity=exact_zero_fraction(weight), dtensor=tp_style)
         if autocast:
             match.skip_reason = "autocast"
         elif bias is not None and not isinstance(bias, fx.Node):
             match.skip_reason = "bias_not_1d"
         else:
-            match.skip_reason = skip_reason(match, options)
+            match.skip_reason = tp_reason or skip_reason(match, options)
         matches.append(match)
     return matches

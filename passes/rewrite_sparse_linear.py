@@ -5,6 +5,9 @@ module buffers as static inputs, so CUDA graphs (mode="reduce-overhead") neither
 guard on them, and Inductor freezing can treat them as constants.  The rewrite edits Dynamo's GraphModule in
 place (Dynamo hands it over; Inductor's own passes edit in place too): a deep copy would drop the
 `_dynamo_source` of placeholders that AOTAutograd needs to find parameters.
+
+Siblings reading the same input share one op (passes/fuse_sibling_linears.py), and all-zero rows / columns of
+a weight are sliced away (passes/slice_structured_zeros.py); both go through `_rewrite_fused`.
 """
 
 from __future__ import annotations
@@ -18,9 +21,20 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
-from flashllm_compile.codegen.formats.cache import compress_weight, watch_weight
-from flashllm_compile.options import FlashLLMOptions
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.cache import compress_weight, compress_weights, watch_weight, watch_weights
+from flashllm_compile.options import FlashLLMOptions, KernelPreference
+from flashllm_compile.passes.dtensor_linears import local_shard, sparse_linear_dtensor
 from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
+from flashllm_compile.passes.fuse_sibling_linears import concat_operands, find_sibling_groups, fused_name, split_outputs
+from flashllm_compile.passes.fx_meta import call_with_meta, meta_val
+from flashllm_compile.passes.slice_structured_zeros import (
+    StructuredSlice,
+    scatter_rows,
+    slice_dense,
+    slice_input,
+    structured_slice,
+)
 from flashllm_compile.report import LinearDecision, publish
 
 log = logging.getLogger("flashllm_compile")
@@ -37,22 +51,28 @@ def _register_compressed(gm: fx.GraphModule, match: LinearMatch, options: FlashL
                          registered: dict[int, tuple[str, ...]]):
     """Compress the weight (once per process) and register its tensors as gm buffers (once per graph)."""
     fmt = compress_weight(match.weight, options.chunk_k, transposed=match.transposed)
-    if id(fmt) not in registered:
+    return fmt, _register_parts(gm, fmt, dict(zip(("bitmap", "offsets", "values"), fmt.tensors())), registered)
+
+
+def _register_parts(gm: fx.GraphModule, owner: object, parts: dict[str, torch.Tensor],
+                    registered: dict[int, tuple[str, ...]]) -> tuple[str, ...]:
+    """Register `parts` (compressed tensors, slicing indices) as gm buffers, once per `owner` and graph."""
+    if id(owner) not in registered:
         index = len(registered)
-        names = tuple(f"{BUFFER_PREFIX}{index}_{part}" for part in ("bitmap", "offsets", "values"))
-        for name, tensor in zip(names, fmt.tensors()):
+        names = tuple(f"{BUFFER_PREFIX}{index}_{part}" for part in parts)
+        for name, tensor in zip(names, parts.values()):
             gm.register_buffer(name, tensor)
             if hasattr(gm, "_param_name_to_source"):  # AOTAutograd requires a source per lifted buffer
                 gm._param_name_to_source[name] = torch._dynamo.source.ConstantSource(name)
-        registered[id(fmt)] = names
-    return fmt, registered[id(fmt)]
+        registered[id(owner)] = names
+    return registered[id(owner)]
 
 
 def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOptions,
                  registered: dict[int, tuple[str, ...]]):
     fmt, names = _register_compressed(gm, match, options, registered)
     graph, node = gm.graph, match.node
-    x_val = match.x.meta.get("val", match.x.meta.get("example_value"))
+    x_val = local_shard(match.x.meta.get("val", match.x.meta.get("example_value")))  # DTensor: its fake local
     with graph.inserting_before(node):
         tensor_nodes = []
         for name, tensor in zip(names, fmt.tensors()):
@@ -67,11 +87,19 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOption
                 for key in ("val", "example_value"):
                     if key in match.weight_node.meta:
                         dense.meta[key] = match.weight_node.meta[key].t()
-        new = graph.call_function(torch.ops.flashllm.sparse_linear.default, (
+        op, extra = torch.ops.flashllm.sparse_linear.default, ()
+        if match.dtensor is not None:  # tensor parallelism: the op on this rank's shard, DTensor in and out
+            op, extra = sparse_linear_dtensor, (match.dtensor,)
+        new = graph.call_function(op, (
             match.x, *tensor_nodes, match.bias, dense, fmt.n, fmt.k, fmt.chunk_k, options.kernel.value,
-            match.name, watch_weight(match.weight)))
+            match.name, watch_weight(match.weight), *extra))
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace", "nn_module_stack",
                                                                  "source_fn_stack", "tensor_meta")})
+    _replace_node(graph, node, new)
+    return fmt
+
+
+def _replace_node(graph: fx.Graph, node: fx.Node, new: fx.Node) -> None:
     node.replace_all_uses_with(new)
     old_operands = [a for a in node.all_input_nodes if a.op in ("call_function", "call_method")]
     graph.erase_node(node)
@@ -80,7 +108,92 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOption
     for operand in old_operands:
         if not operand.users:
             graph.erase_node(operand)
+
+
+def _needs_dense(match: LinearMatch, options: FlashLLMOptions) -> bool:
+    """Does a fused or sliced op get a dense fallback weight?  The graph builds that weight on every call
+    (torch.cat / index_select of the parameters: a copy of the weights), so only where the dense weights are
+    kept and the op may run it: kernel DENSE, or AUTO on CUDA."""
+    kernel = options.kernel
+    return not options.release_dense_weights and (
+        kernel is KernelPreference.DENSE or (kernel is KernelPreference.AUTO and match.weight.is_cuda))
+
+
+def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: StructuredSlice | None,
+                   options: FlashLLMOptions, registered: dict[int, tuple[str, ...]]) -> BitmapWeight:
+    """Replace `members` (siblings reading the same x, passes/fuse_sibling_linears.py; or a single linear) by ONE
+    sparse_linear, on the nonzero rows and columns of their weight when `sliced` (passes/slice_structured_zeros.py):
+
+        x [..., K] -> x[..., cols] [..., K'] -> sparse_linear -> [..., N'] -> scatter rows, + bias -> [..., N]
+                   -> split -> one [..., N_i] view per member"""
+    first, graph = members[0], gm.graph
+    weights = [m.weight for m in members]
+    with_dense = _needs_dense(first, options)
+    fmt = sliced.fmt if sliced is not None else compress_weights(weights, options.chunk_k, first.transposed)
+    parts = dict(zip(("bitmap", "offsets", "values"), fmt.tensors()))
+    if sliced is not None:  # rows [N'] (only to slice the dense weight), rowpos [N], rowkeep [N], cols [K']
+        parts.update({part: t for part, t in (("rows", sliced.rows if with_dense else None), ("rowpos", sliced.row_pos),
+                                              ("rowkeep", sliced.row_keep), ("cols", sliced.cols)) if t is not None})
+    names = _register_parts(gm, sliced or fmt, parts, registered)
+    x_val = meta_val(first.x)
+    with graph.inserting_before(first.node):  # precedes every member's users; operands are available here
+        get = {}
+        for part, name in zip(parts, names):
+            get[part] = graph.get_attr(name)
+            get[part].meta["val"] = get[part].meta["example_value"] = _fake_like(gm, x_val, parts[part])
+        # [N_i, K] members need no dense operand: the op's dense fallback runs on `weights` in place (ops.py)
+        in_place = sliced is None and not first.transposed and len(members) > 1
+        bias, dense = concat_operands(graph, members, with_dense and not in_place)  # [N] | None, [N, K] | None
+        x, scatter = first.x, sliced is not None and sliced.row_pos is not None
+        if sliced is not None and sliced.cols is not None:
+            x = slice_input(graph, x, get["cols"])  # [..., K']
+        if sliced is not None and dense is not None:
+            dense = slice_dense(graph, dense, get.get("rows"), get.get("cols"))  # [N', K']
+        y = call_with_meta(graph, torch.ops.flashllm.sparse_linear.default, x, get["bitmap"], get["offsets"],
+                           get["values"], None if scatter else bias, dense, fmt.n, fmt.k, fmt.chunk_k,
+                           options.kernel.value, fused_name(members), watch_weights(weights),
+                           [m.weight_node for m in members])  # [..., N']
+        y.meta.update({k: v for k, v in first.node.meta.items() if k in ("stack_trace", "nn_module_stack",
+                                                                         "source_fn_stack")})
+        if scatter:
+            y = scatter_rows(graph, y, get["rowpos"], get["rowkeep"], bias)  # [..., N]
+        outs = split_outputs(graph, y, members) if len(members) > 1 else [y]
+    for member, out in zip(members, outs):
+        _replace_node(graph, member.node, out)
     return fmt
+
+
+def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: FlashLLMOptions,
+                     registered: dict[int, tuple[str, ...]]) -> BitmapWeight:
+    """Rewrite one linear, or a group of fused siblings, slicing structured zeros where the option allows."""
+    first = members[0]
+    sliced = None
+    if options.slice_structured_zeros and getattr(first, "dtensor", None) is None:
+        sliced = structured_slice([m.weight for m in members], options.chunk_k, first.transposed)
+    if len(members) == 1 and sliced is None:
+        return _rewrite_one(gm, first, options, registered)
+    name = fused_name(members)
+    if len(members) > 1:
+        counters["flashllm"]["fused_siblings"] += 1
+        counters["flashllm"]["fused_linears"] += len(members)
+        log.info("flashllm: %s fused into one sparse_linear", name)
+    if sliced is not None:
+        for axis, what, zeros, total in (("rows", "rows", sliced.zero_rows, sliced.n),
+                                         ("cols", "columns", sliced.zero_cols, sliced.k)):
+            if zeros:
+                counters["flashllm"][f"sliced_{axis}"] += 1
+                log.info("flashllm: %s: %d of %d %s all-zero, sliced away", name, zeros, total, what)
+    return _rewrite_fused(gm, members, sliced, options, registered)
+
+
+def _compressed_bytes(fmt: BitmapWeight, members: list[LinearMatch], match: LinearMatch) -> int:
+    """The share of a fused format attributed to `match`: its rows of bitmap/offsets plus its nonzeros."""
+    if len(members) == 1:
+        return fmt.nbytes
+    values = fmt.values.element_size()
+    meta = fmt.nbytes - fmt.nnz * values
+    nnz = round(match.weight.numel() * (1 - match.sparsity))
+    return meta * match.out_features // sum(m.out_features for m in members) + nnz * values
 
 
 PROGRESS_MIN_LAYERS = 8
@@ -100,19 +213,30 @@ def _progress(matches: list[LinearMatch]):
 def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLMOptions) -> int:
     """Rewrite every eligible linear of `gm` in place; returns how many were rewritten.
 
-    Counters: counters["flashllm"]["linear_found"], ["rewritten"], ["skip_<reason>"].  With many rewritable
-    layers a progress bar is shown on a TTY stderr; FLASHLLM_PROGRESS=0 turns it off (see `_progress`)."""
+    Counters: counters["flashllm"]["linear_found"], ["rewritten"], ["skip_<reason>"]; with the options
+    fuse_siblings / slice_structured_zeros also ["fused_siblings"] (groups), ["fused_linears"] (linears in them),
+    ["sliced_rows"] / ["sliced_cols"] (sparse_linear calls computing only the nonzero rows / columns).  With many
+    rewritable layers a progress bar is shown on a TTY stderr; FLASHLLM_PROGRESS=0 turns it off (see `_progress`)."""
     registered: dict[int, tuple[str, ...]] = {}
     rewritten = 0
-    for match in _progress(list(find_sparse_linears(gm, example_inputs, options))):
+    matches = list(find_sparse_linears(gm, example_inputs, options))
+    groups = find_sibling_groups(gm, matches) if options.fuse_siblings else []
+    members_of = {m.node: group for group in groups for m in group}
+    fmts: dict[fx.Node, BitmapWeight] = {}  # first member's node -> the format its group's op runs on
+    for match in _progress(matches):
         counters["flashllm"]["linear_found"] += 1
         op_name = getattr(match.node.target, "__name__", str(match.node.target))
         if match.skip_reason is None:
-            fmt = _rewrite_one(gm, match, options, registered)
+            members = members_of.get(match.node, [match])
+            if match is members[0]:
+                fmts[match.node] = _rewrite_members(gm, members, options, registered)
+            fmt = fmts[members[0].node]
+            compressed = _compressed_bytes(fmt, members, match)
             rewritten += 1
             counters["flashllm"]["rewritten"] += 1
             log.info("flashllm: %s [%dx%d] %.1f%% zeros -> sparse_linear (%s), %.1f MB -> %.1f MB", match.name,
-                     fmt.n, fmt.k, 100 * match.sparsity, options.kernel.value, match.weight.nbytes / 1e6, fmt.nbytes / 1e6)
+                     match.out_features, match.in_features, 100 * match.sparsity, options.kernel.value,
+                     match.weight.nbytes / 1e6, compressed / 1e6)
         else:
             counters["flashllm"][f"skip_{match.skip_reason}"] += 1
             log.info("flashllm: %s left dense: %s", match.name, match.skip_reason)
@@ -123,7 +247,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
             dtype=str(match.weight.dtype).removeprefix("torch."), sparsity=match.sparsity,
             rewritten=fmt is not None, reason=match.skip_reason or "rewritten",
             kernel=options.kernel.value if fmt is not None else "", dense_bytes=match.weight.nbytes,
-            compressed_bytes=fmt.nbytes if fmt is not None else 0, op=op_name))
+            compressed_bytes=compressed if fmt is not None else 0, op=op_name))
     if rewritten:
         gm.graph.lint()
         gm.recompile()

@@ -170,7 +170,9 @@ def test_attention_matmuls_of_activations_not_counted():
             ctx = torch.matmul(scores, k)  # [B, T, N]
             return ctx + torch.bmm(q, k.mT) @ q
 
-    compile_and_check(Attention(), torch.randn(2, 6, K), {"linear_found": 2, "rewritten": 2})
+    # q and k read the same x: fused into one sparse_linear (passes/fuse_sibling_linears.py)
+    compile_and_check(Attention(), torch.randn(2, 6, K), {"linear_found": 2, "rewritten": 2, "fused_siblings": 1,
+                                                          "fused_linears": 2})
 
 
 def test_only_activation_matmuls_counts_nothing():

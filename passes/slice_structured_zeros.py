@@ -1,0 +1,106 @@
+"""Structured zeros (SliceGPT's observation): all-zero rows and columns of a weight need no compute.
+
+For a weight W [N, K] chosen for rewriting (fused siblings: their row-concatenation) with all-zero output rows
+and/or all-zero input columns, keep rows = its nonzero rows (N' of N) and cols = its nonzero columns (K' of K):
+
+    y[..., N] = x[..., K] @ W^T + b
+    y'        = sparse_linear(x[..., cols], compress(W[rows][:, cols]))   [..., N']   a smaller weight
+    y         = where(row_keep, y'[..., row_pos], 0) + b                   [..., N]    row_pos[n] = index of n
+                                                                                        in rows (0 if all-zero)
+Exact for finite inputs: the dropped terms are x * 0.  Rows (columns) are sliced only when at least
+MIN_SLICE_FRACTION of them are all-zero, so that the gather of x and the scatter of y pay off.  The analysis and
+the compressed slice are cached per set of parameters (identities + versions).  Slicing is not propagated to
+neighbouring layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.cache import STATS, derive_once
+from flashllm_compile.passes.fx_meta import call_with_meta
+
+MIN_SLICE_FRACTION = 1 / 64  # slice rows (columns) only when at least this fraction of them is all-zero
+
+
+@dataclass(frozen=True)
+class StructuredSlice:
+    """The compressed nonzero block of a weight [N, K] and where it sits in the full weight."""
+
+    fmt: BitmapWeight  # W[rows][:, cols]: [N', K']
+    n: int  # N of the full weight
+    k: int  # K of the full weight
+    rows: torch.Tensor | None  # int64 [N'] kept rows (None: all N)
+    row_pos: torch.Tensor | None  # int64 [N]: position of row n in the sliced output (0 for an all-zero row)
+    row_keep: torch.Tensor | None  # bool [N]: row n is not all-zero
+    cols: torch.Tensor | None  # int64 [K'] kept columns (None: all K)
+
+    @property
+    def zero_rows(self) -> int:
+        return self.n - self.fmt.n
+
+    @property
+    def zero_cols(self) -> int:
+        return self.k - self.fmt.k
+
+
+def _kept(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the True entries of a keep-mask [L], or None when too few are False to be worth slicing."""
+    dropped = mask.numel() - int(mask.sum())
+    if dropped == 0 or dropped < MIN_SLICE_FRACTION * mask.numel():
+        return None
+    return mask.nonzero().flatten()
+
+
+def structured_slice(weights: Sequence[torch.Tensor], chunk_k: int, transposed: bool = False) -> StructuredSlice | None:
+    """The sliced, compressed row-concatenation of `weights` (each [N_i, K]; [K, N_i] when `transposed`), or None
+    when it has too few all-zero rows and columns (or no nonzero at all).  Cached per set of parameters."""
+
+    def build() -> StructuredSlice | None:
+        with torch.no_grad():
+            w = [t.t() if transposed else t for t in weights]
+            w = torch.cat(w) if len(w) > 1 else w[0]  # [N, K]
+            nonzero = w != 0  # NaN counts as nonzero
+            rows, cols = _kept(nonzero.any(1)), _kept(nonzero.any(0))
+            if (rows is None and cols is None) or not nonzero.any():
+                return None
+            row_pos = row_keep = None
+            if rows is not None:
+                w = w[rows]  # [N', K]
+                row_keep = nonzero.any(1)
+                row_pos = torch.zeros(nonzero.shape[0], dtype=torch.int64, device=w.device)
+                row_pos[rows] = torch.arange(rows.numel(), device=w.device)
+            if cols is not None:
+                w = w[:, cols]  # [N', K']
+            fmt = BitmapWeight.from_dense(w, chunk_k)
+        STATS["compressions"] += 1
+        return StructuredSlice(fmt, *nonzero.shape, rows, row_pos, row_keep, cols)
+
+    return derive_once(weights, ("slice", chunk_k, transposed), build)
+
+
+def slice_input(graph: fx.Graph, x: fx.Node, cols: fx.Node) -> fx.Node:
+    """x[..., K] -> x[..., cols]: [..., K']."""
+    return call_with_meta(graph, torch.index_select, x, -1, cols)
+
+
+def slice_dense(graph: fx.Graph, dense: fx.Node, rows: fx.Node | None, cols: fx.Node | None) -> fx.Node:
+    """The dense fallback weight [N, K] -> W[rows][:, cols]: [N', K'] (a copy of the weight on every call)."""
+    if rows is not None:
+        dense = call_with_meta(graph, torch.index_select, dense, 0, rows)
+    if cols is not None:
+        dense = call_with_meta(graph, torch.index_select, dense, 1, cols)
+    return dense
+
+
+def scatter_rows(graph: fx.Graph, y: fx.Node, row_pos: fx.Node, row_keep: fx.Node, bias: fx.Node | None) -> fx.Node:
+    """y' [..., N'] -> y [..., N]: the op's rows in place, zeros for all-zero rows, then + bias [N] (one pointwise
+    kernel after Inductor's fusion; no padding op, which would specialise a symbolic M)."""
+    gathered = call_with_meta(graph, torch.index_select, y, -1, row_pos)  # [..., N]
+    out = call_with_meta(graph, torch.where, row_keep, gathered, 0.0)  # exact zeros (no 0 * y)
+    return out if bias is None else call_with_meta(graph, torch.add, out, bias)
