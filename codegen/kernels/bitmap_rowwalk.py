@@ -104,7 +104,7 @@ def _bitmap_rowwalk_kernel(
         advance = (w == 0) & (wi + 1 < w_end)
         wi += advance.to(tl.int32)
         w = tl.where(advance, w_next, w)
-        w_next = tl.where(advance, tl.load(bitmap_row + wi + 1, mask=advance & (wi + 1 < w_end), other=0).to(
+        w_next = tl.where(advance, tl.load(bitmap_row + wi + 1, mask=advance & row_ok & (wi + 1 < w_end), other=0).to(
             tl.uint32, bitcast=True), w_next)
 
     if BLOCK_M == 1:
