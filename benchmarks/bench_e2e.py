@@ -298,14 +298,16 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def write_csv(rows: list[dict], path: str) -> None:
+def write_csv(rows: list[dict], path: str, columns=None) -> None:
+    columns = columns or COLUMNS
+
     def cell(v):
         return "" if v is None else round(v, 5) if isinstance(v, float) else v
 
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({k: cell(r.get(k)) for k in COLUMNS} for r in rows)
+        writer.writerows({k: cell(r.get(k)) for k in columns} for r in rows)
 
 
 def plot(rows: list[dict], path: str) -> None:

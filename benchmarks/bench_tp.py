@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import datetime
 import functools
 import os
@@ -58,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import ensure_flashllm_backend, gpu_info, reset_compiled_state
+from bench_e2e import _fmt, ensure_flashllm_backend, gpu_info, reset_compiled_state, write_csv
 
 # hidden, intermediate, layers, heads, kv heads, vocab, max positions
 LLAMA2_13B = {"hidden": 5120, "intermediate": 13824, "layers": 40, "heads": 40, "kv_heads": 40, "vocab": 32000,
@@ -274,22 +273,6 @@ def run(dims: dict, sparsity: float, batches, prompt_len: int, new_tokens: int, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fmt(value, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    def cell(v):
-        return "" if v is None else round(v, 5) if isinstance(v, float) else v
-
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: cell(r.get(k)) for k in COLUMNS} for r in rows)
-
-
 def print_table(rows: list[dict]) -> None:
     r = rows[0]
     print(f"\n{r['gpu']} x {r['world']} (TP={r['world']}), torch {r['torch']}, triton {r['triton']}; LLaMA with "
@@ -364,9 +347,9 @@ def main() -> None:
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
         rows = run(dims, args.sparsity, batches, prompt_len, new_tokens, device, dtype, mode, args.kernel,
-                   args.configs, on_row=lambda rows: write_csv(rows, csv_path))  # partial runs count
+                   args.configs, on_row=lambda rows: write_csv(rows, csv_path, COLUMNS))  # partial runs count
         if rank == 0:
-            write_csv(rows, csv_path)
+            write_csv(rows, csv_path, COLUMNS)
             print(f"\nwrote {csv_path}")
             print_table(rows)
     finally:
