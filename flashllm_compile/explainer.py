@@ -139,7 +139,9 @@ def _run_compiled(model: torch.nn.Module, example_inputs: tuple, opts: FlashLLMO
 def _kernel_choices(d: LinearDecision, chunk_k: int) -> list[KernelChoice]:
     from flashllm_compile.codegen.autotune import AUTOTUNER
 
-    choices = AUTOTUNER.choices_for(d.out_features, d.in_features, chunk_k, d.dtype, density=1.0 - d.sparsity)
+    n, k = d.op_shape or (d.out_features, d.in_features)  # a fused / sliced linear is tuned as its op's shape
+    density = d.op_density if d.op_density is not None else 1.0 - d.sparsity
+    choices = AUTOTUNER.choices_for(n, k, chunk_k, d.dtype, density=density)
     return [KernelChoice(m, c.family, c.config.short() if c.config else "", c.time_us, c.dense_us)
             for m, c in choices.items()]
 
@@ -147,7 +149,8 @@ def _kernel_choices(d: LinearDecision, chunk_k: int) -> list[KernelChoice]:
 def _layer_report(d: LinearDecision, opts: FlashLLMOptions, device: torch.device) -> LayerReport:
     if not d.rewritten:
         return LayerReport(d, "")
-    layer = LayerReport(d, f"bitmap(chunk_k={opts.chunk_k})")
+    shape = f", op {d.op_shape[0]}x{d.op_shape[1]}" if d.op_shape else ""
+    layer = LayerReport(d, f"bitmap(chunk_k={opts.chunk_k}{shape})" + (f" fused {d.group}" if d.group else ""))
     if opts.kernel.value in ("emulated", "dense"):
         layer.note = opts.kernel.value
     elif device.type != "cuda":

@@ -19,6 +19,11 @@ class LinearDecision:
     dense_bytes: int
     compressed_bytes: int  # 0 when not rewritten
     op: str  # the FX target that was matched
+    # The sparse_linear call this linear runs in, when it differs from the linear itself (fused siblings, sliced
+    # structured zeros): its [N, K] and nonzero density (autotune results are keyed by them) and its name.
+    op_shape: tuple[int, int] | None = None
+    op_density: float | None = None
+    group: str = ""
 
 
 _RECORDERS: list[list[LinearDecision]] = []
@@ -40,6 +45,13 @@ def publish(decision: LinearDecision) -> None:
         recorder.append(decision)
 
 
+def _result(d: LinearDecision) -> str:
+    """"sparse_linear", "sparse_linear [NxK]" when run inside a fused / sliced op of that shape, or "dense: why"."""
+    if not d.rewritten:
+        return "dense: " + d.reason
+    return f"sparse_linear [{d.op_shape[0]}x{d.op_shape[1]}]" if d.op_shape else "sparse_linear"
+
+
 def decision_table(decisions: list[LinearDecision], kernels: dict[str, str] | None = None) -> str:
     """A readable table of `decisions` (one line per linear) and a summary line.
 
@@ -50,7 +62,7 @@ def decision_table(decisions: list[LinearDecision], kernels: dict[str, str] | No
     for d in decisions:
         after = f"{d.compressed_bytes / 1e6:8.2f}" if d.rewritten else "       -"
         line = (f"{d.name:<{w}} {f'{d.out_features}x{d.in_features}':>12} {d.sparsity:6.1%}  "
-                f"{'sparse_linear' if d.rewritten else 'dense: ' + d.reason:<22} {d.dense_bytes / 1e6:9.2f} {after}")
+                f"{_result(d):<22} {d.dense_bytes / 1e6:9.2f} {after}")
         lines.append(line + (f"  {kernels.get(d.name, '')}" if kernels is not None else ""))
     rewritten = [d for d in decisions if d.rewritten]
     before, after = sum(d.dense_bytes for d in rewritten), sum(d.compressed_bytes for d in rewritten)

@@ -210,6 +210,15 @@ def _progress(matches: list[LinearMatch]):
     return tqdm(matches, desc="flashllm: compressing linears", unit="layer", file=sys.stderr, leave=False)
 
 
+def _op_fields(fmt: BitmapWeight | None, match: LinearMatch, members_of: dict) -> dict:
+    """LinearDecision fields naming the sparse_linear call a fused or sliced linear runs in ({} otherwise)."""
+    if fmt is None or (fmt.n, fmt.k) == (match.out_features, match.in_features) and match.node not in members_of:
+        return {}
+    members = members_of.get(match.node, [match])
+    return {"op_shape": (fmt.n, fmt.k), "op_density": fmt.nnz / max(1, fmt.n * fmt.k),
+            "group": fused_name(members) if len(members) > 1 else ""}
+
+
 def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLMOptions) -> int:
     """Rewrite every eligible linear of `gm` in place; returns how many were rewritten.
 
@@ -247,7 +256,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
             dtype=str(match.weight.dtype).removeprefix("torch."), sparsity=match.sparsity,
             rewritten=fmt is not None, reason=match.skip_reason or "rewritten",
             kernel=options.kernel.value if fmt is not None else "", dense_bytes=match.weight.nbytes,
-            compressed_bytes=compressed if fmt is not None else 0, op=op_name))
+            compressed_bytes=compressed if fmt is not None else 0, op=op_name, **_op_fields(fmt, match, members_of)))
     if rewritten:
         gm.graph.lint()
         gm.recompile()

@@ -48,6 +48,9 @@ def test_rows_names_reasons_and_bytes(report_and_state):
     assert down.format == "bitmap(chunk_k=128)"
     assert down.decision.dense_bytes == 64 * 128 * 4 > down.decision.compressed_bytes > 0
     assert down.note == "emulated (CPU)" and down.kernels == []
+    q = rows["model.layers.0.self_attn.q_proj"]  # fused with k and v: one op on the stacked [64+32+32, 64] weight
+    assert q.decision.op_shape == (128, 64) and q.decision.group == "model.layers.0.self_attn.{q_proj,k_proj,v_proj}"
+    assert q.format == "bitmap(chunk_k=128, op 128x64) fused model.layers.0.self_attn.{q_proj,k_proj,v_proj}"
     head = rows["lm_head"]  # not pruned
     assert not head.decision.rewritten and head.decision.reason == "too_dense" and head.format == ""
     assert len(report.rewritten) == 7
