@@ -1,7 +1,8 @@
 """Pick the implementation of one sparse linear per (shape, density, M bucket) by measuring it on the GPU.
 
 FlashDecoding++-style dispatch: for a given M the candidates are the row-walking CUDA-core kernel (M <= 8), the
-tensor-core kernel, and dense cuBLAS (when the dense weight is kept).  Each is timed as CUDA-graph replays with L2
+tensor-core kernel, unpack-then-cuBLAS (M >= 16, prefill without a dense copy), and dense cuBLAS (when the dense
+weight is kept).  Each is timed as CUDA-graph replays with L2
 flushed before every call (weights from HBM, no launch gaps: what a decode step under mode="reduce-overhead"
 sees; `_bench`); the fastest wins, so a sparse kernel that is slower than dense is never chosen.  Results persist in a JSON file keyed by GPU name,
 torch/triton versions and a hash of the kernel sources, so a second compile does not re-tune.
@@ -25,16 +26,17 @@ import triton
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import ROWWALK_MAX_M, bitmap_rowwalk, get_bitmap_rowwalk_configs
+from flashllm_compile.codegen.kernels.bitmap_unpack import bitmap_unpack, get_bitmap_unpack_configs
 from flashllm_compile.codegen.kernels.common import TileConfig
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = {"mma": bitmap_mma, "rowwalk": bitmap_rowwalk}
+LAUNCHERS = {"mma": bitmap_mma, "rowwalk": bitmap_rowwalk, "unpack": bitmap_unpack}
 
 
 def candidate_configs(m: int) -> list[TileConfig]:
     """Every sparse config worth timing for M tokens, all families."""
-    return get_bitmap_rowwalk_configs(m) + get_bitmap_mma_configs(m)
+    return get_bitmap_rowwalk_configs(m) + get_bitmap_mma_configs(m) + get_bitmap_unpack_configs(m)
 DENSITY_STEP = 0.05  # densities within one step share a tuning result
 MAX_M_BUCKET = 4096  # larger M reuses the 4096 decision
 TUNE_WARMUP_MS, TUNE_REP_MS = 2, 10

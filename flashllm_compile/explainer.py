@@ -22,7 +22,7 @@ import torch
 from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.report import LinearDecision, decision_table, record_decisions
 
-FAMILIES = ("rowwalk", "mma")  # Triton kernel families, in the order they are shown
+FAMILIES = ("rowwalk", "mma", "unpack")  # Triton kernel families, in the order they are shown
 SHARED_DEVICE_FUNCTIONS = ("popcount", "decode_bitmap_tile", "store_output")  # codegen/kernels/bitmap_decode.py
 
 

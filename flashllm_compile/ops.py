@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS, dense_linear
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.cache import _WATCHED, _WATCHED_SETS, weight_is_stale
+from flashllm_compile.codegen.kernels.bitmap_unpack import unpack_weight
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES, interpreting
 from flashllm_compile.options import KernelPreference, default_cache_dir
 
@@ -111,7 +112,9 @@ def sparse_linear(
     if preference is KernelPreference.EMULATED or (preference is KernelPreference.AUTO and not usable):
         family, out = "emulated", F.linear(x2d, fmt.to_dense().to(x.dtype), bias)
     elif preference is KernelPreference.DENSE:
-        family, out = "dense", dense_linear(x2d, dense if dense is not None else fmt.to_dense(), bias)
+        if dense is None:  # the Triton unpack pass on the GPU (to_dense's boolean indexing syncs the device)
+            dense = unpack_weight(fmt) if x.is_cuda and values.dtype in KERNEL_DTYPES else fmt.to_dense()
+        family, out = "dense", dense_linear(x2d, dense, bias)
     else:
         choice = AUTOTUNER.choose(fmt, x2d.shape[0], dense, allow_dense=(
             preference is KernelPreference.AUTO and dense is not None),

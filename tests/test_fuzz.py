@@ -100,8 +100,8 @@ def check_against_dense(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: to
 
 
 @st.composite
-def cases(draw, family: str, max_m: int, max_n: int, max_k: int):
-    m = draw(st.integers(1, max_m))  # M = 0 is one of the explicit corners
+def cases(draw, family: str, max_m: int, max_n: int, max_k: int, min_m: int = 1):
+    m = draw(st.integers(min_m, max_m))  # M = 0 is one of the explicit corners
     n = draw(st.integers(1, max_n))
     k = draw(st.integers(1, max_k))
     configs = [c for c in candidate_configs(m) if c.family == family]
@@ -133,6 +133,11 @@ def max_m_of(family: str, limit: int = 64) -> int:
     return max(m for m in range(limit + 1) if any(c.family == family for c in candidate_configs(m)))
 
 
+def min_m_of(family: str, limit: int = 64) -> int:
+    """Smallest M >= 1 for which the family has configs (the prefill family starts at 16)."""
+    return min(m for m in range(1, limit + 1) if any(c.family == family for c in candidate_configs(m)))
+
+
 # family -> (examples, max N, max K): the interpreter runs programs one after another, so families with more
 # programs per launch (small BLOCK_N, bit walking) get fewer and smaller examples
 BUDGET = {"rowwalk": (20, 48, 160), "mma": (60, 96, 192)}
@@ -143,7 +148,7 @@ FAMILIES = sorted(LAUNCHERS)
 def corners(family: str) -> list[dict]:
     """Explicit examples run whatever Hypothesis draws: empty input, 1x1, odd N/K, every split-K extreme, all
     patterns at least once, each dtype."""
-    top = max_m_of(family, 40)
+    lo, top = min_m_of(family, 40), max_m_of(family, 40)
     raw = [(0, 5, 40, 2, "uniform", torch.float16, True, 32), (1, 1, 1, 1, "dense", torch.float16, True, 32),
            (min(3, top), 17, 97, 4, "all_zero", torch.float32, True, 32),
            (top, 33, 100, 8, "col_skewed", torch.bfloat16, True, 64),
@@ -151,7 +156,8 @@ def corners(family: str) -> list[dict]:
            (top, 65, 130, 2, "block", torch.float16, True, 32)]
     out = []
     for m, n, k, split_k, pattern, dtype, bias, chunk_k in raw:
-        config = next(c for c in candidate_configs(m) if c.family == family)._replace(split_k=split_k)
+        m = 0 if m == 0 else min(max(m, lo), top)
+        config = next(c for c in candidate_configs(max(m, lo)) if c.family == family)._replace(split_k=split_k)
         out.append({"m": m, "n": n, "k": k, "config": config, "chunk_k": chunk_k, "dtype": dtype, "bias": bias,
                     "sparsity": 0.5, "pattern": pattern, "seed": 0})
     return out
@@ -162,7 +168,7 @@ def fuzzer(family: str):
     examples, max_n, max_k = BUDGET.get(family, DEFAULT_BUDGET)
 
     @settings(FUZZ, max_examples=examples)
-    @given(case=cases(family, max_m=max_m_of(family, 40), max_n=max_n, max_k=max_k))
+    @given(case=cases(family, max_m=max_m_of(family, 40), max_n=max_n, max_k=max_k, min_m=min_m_of(family, 40)))
     def fuzz(case):
         run_case(case)
 
@@ -173,7 +179,7 @@ def fuzzer(family: str):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_matches_dense(family):
-    assert any(c.family == family for c in candidate_configs(1)), "every family must serve M = 1"
+    assert min_m_of(family) <= max_m_of(family), "every family must serve some M"
     fuzzer(family)()
 
 

@@ -12,6 +12,7 @@ from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import bitmap_rowwalk, get_bitmap_rowwalk_configs
+from flashllm_compile.codegen.kernels.bitmap_unpack import get_bitmap_unpack_configs, unpack_weight
 from flashllm_compile.codegen.kernels.common import TileConfig
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -47,8 +48,9 @@ def rel_err(y, ref):
 FAMILY_CASES = {
     "mma": ([1, 2, 3, 8, 16, 33], [(70, 200, 0.8), (33, 300, 0.5), (64, 128, 0.9)], (1, 3)),
     "rowwalk": ([1, 3, 8], [(70, 200, 0.8), (33, 300, 0.5), (40, 330, 0.97)], (1, 3)),
+    "unpack": ([16, 33], [(70, 200, 0.8), (33, 300, 0.5), (16, 64, 0.0)], (1,)),
 }
-CONFIGS = {"mma": get_bitmap_mma_configs, "rowwalk": get_bitmap_rowwalk_configs}
+CONFIGS = {"mma": get_bitmap_mma_configs, "rowwalk": get_bitmap_rowwalk_configs, "unpack": get_bitmap_unpack_configs}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -107,3 +109,11 @@ def test_bad_inputs_raise_clearly(launch, config):
         launch(x[:, :10], fmt, b, config)
     with pytest.raises(ValueError, match="bias"):
         launch(x, fmt, b[:3], config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_unpack_weight_is_exact(dtype):
+    """The prefill family's unpack pass reproduces the pruned weight bit for bit (odd N, K, a chunk tail)."""
+    w, _, _, _ = make_case(37, 161, 1, 0.7, dtype, bias=False)
+    fmt = BitmapWeight.from_dense(w, chunk_k=64)
+    assert torch.equal(unpack_weight(fmt, block_n=32).cpu(), w.cpu())

@@ -54,6 +54,7 @@ def gpu_cases(draw, family: str):
 
 
 def llama_corner(family: str, m: int) -> dict:
+    m = min(mm for mm in range(m, 257) if any(c.family == family for c in candidate_configs(mm)))  # >= the family's
     config = next(c for c in candidate_configs(m) if c.family == family)
     return {"m": m, "n": 12288, "k": 4096, "config": config, "chunk_k": 128, "dtype": torch.float16, "bias": False,
             "sparsity": 0.8, "pattern": "uniform", "seed": 0}
