@@ -212,8 +212,8 @@ class Autotuner:
                     path.unlink(missing_ok=True)
 
 
-GRAPH_CALLS = 4  # calls per captured CUDA graph when timing one candidate
-GRAPH_REPLAYS = 7  # replays of it; the median is taken
+GRAPH_CALLS = 8  # calls per captured CUDA graph when timing one candidate (more: less flush noise per call)
+GRAPH_REPLAYS = 9  # replays of it; the median is taken
 FLUSH_BYTES = 128 << 20  # > the H100's 50 MB L2: written before each call so the weights come from HBM
 
 
