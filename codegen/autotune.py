@@ -73,6 +73,14 @@ def default_config(m: int) -> TileConfig:
     return TileConfig("mma", 64, min(64, max(16, triton.next_power_of_2(m))), 2 if m <= 64 else 1, 4, 3)
 
 
+def untuned_choice(m: int, allow_dense: bool) -> Choice:
+    """What runs without a measurement: dense where allowed (never slower than the model's own op), else the
+    default sparse config for M."""
+    if allow_dense:
+        return Choice("dense", None, float("nan"), float("nan"))
+    return Choice(default_config(m).family, default_config(m), float("nan"), float("nan"))
+
+
 @functools.cache
 def kernel_source_hash() -> str:
     """Changes whenever a kernel template changes, so stale tuning results are not reused."""
@@ -154,9 +162,7 @@ class Autotuner:
                 return self._choices[key]
             capturing = fmt.values.is_cuda and torch.cuda.is_current_stream_capturing()
             if not tune or capturing:
-                if allow_dense:
-                    return Choice("dense", None, float("nan"), float("nan"))
-                return Choice(default_config(m).family, default_config(m), float("nan"), float("nan"))
+                return untuned_choice(m, allow_dense)
             choice = self._measure(fmt, m, dense_weight if allow_dense else None)
             self._choices[key] = self._fast[fast_key] = choice
             self.tunings += 1

@@ -58,7 +58,7 @@ def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str
     register_torch_logs()
     opts = FlashLLMOptions.from_any(options)
     _ensure_fake_metadata(gm, example_inputs)
-    ops.RUNTIME.update(autotune=opts.autotune, cache_dir=opts.cache_dir)
+    ops.RUNTIME.update(autotune=opts.autotune, cache_dir=opts.cache_dir, deterministic=opts.deterministic)
     rewrite_sparse_linears(gm, example_inputs, opts)
     mode = mode or opts.mode
     config_patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_config}

@@ -11,7 +11,7 @@ import collections
 import torch
 import torch.nn.functional as F
 
-from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS, dense_linear
+from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS, dense_linear, untuned_choice
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.cache import _WATCHED, _WATCHED_SETS, weight_is_stale
 from flashllm_compile.codegen.kernels.bitmap_unpack import unpack_weight
@@ -22,7 +22,7 @@ from flashllm_compile.options import KernelPreference, default_cache_dir
 KERNEL_HITS: collections.Counter[str] = collections.Counter()
 
 # Process-wide runtime settings the op reads (the op's signature only carries per-layer data).
-RUNTIME = {"autotune": True, "cache_dir": default_cache_dir()}
+RUNTIME = {"autotune": True, "cache_dir": default_cache_dir(), "deterministic": False}
 
 
 # token -> data pointer of the weight the compressed tensors were made from (recorded on the op's first call)
@@ -116,9 +116,12 @@ def sparse_linear(
             dense = unpack_weight(fmt) if x.is_cuda and values.dtype in KERNEL_DTYPES else fmt.to_dense()
         family, out = "dense", dense_linear(x2d, dense, bias)
     else:
-        choice = AUTOTUNER.choose(fmt, x2d.shape[0], dense, allow_dense=(
-            preference is KernelPreference.AUTO and dense is not None),
-            tune=RUNTIME["autotune"] and not interpreting(), cache_dir=RUNTIME["cache_dir"])
+        allow_dense = preference is KernelPreference.AUTO and dense is not None
+        if RUNTIME["deterministic"]:  # a choice that does not depend on timings (FlashLLMOptions.deterministic)
+            choice = untuned_choice(x2d.shape[0], allow_dense)
+        else:
+            choice = AUTOTUNER.choose(fmt, x2d.shape[0], dense, allow_dense=allow_dense,
+                                      tune=RUNTIME["autotune"] and not interpreting(), cache_dir=RUNTIME["cache_dir"])
         family = choice.family
         if family == "dense":
             out = dense_linear(x2d, dense, bias)

@@ -47,10 +47,13 @@ class FlashLLMOptions:
                        on their concatenated weight, outputs split as views (passes/fuse_sibling_linears.py).
     slice_structured_zeros  compute only the nonzero rows / columns of a rewritten weight that has all-zero rows /
                        columns, and scatter the output back; exact (passes/slice_structured_zeros.py).
-                       For either, when the dense fallback is kept and may run (kernel "auto" on CUDA, "dense"),
-                       the op's fused / sliced dense weight is built in the graph on every call (torch.cat /
-                       index_select of the parameters: a copy of those weights, paid also when a sparse kernel
-                       is chosen); release_dense_weights=True avoids it.
+                       A fused op's dense fallback runs one GEMM per member weight in place; a sliced op's (and HF
+                       Conv1D siblings') dense weight is built in the graph on every call (index_select / torch.cat
+                       of the parameters), which release_dense_weights=True avoids.
+    deterministic      outputs reproducible across processes, not only across calls: every kernel already reduces
+                       split-K partials in a fixed order (no atomics), and this also makes the kernel choice
+                       independent of timings (the untuned defaults: dense where the dense weight is kept, else
+                       a fixed sparse tile config per M bucket; no autotuning, no autotune cache).
     mode               Inductor mode to forward (torch.compile refuses `mode` and `options` together).
     inductor_config    extra Inductor config patches.
     """
@@ -64,6 +67,7 @@ class FlashLLMOptions:
     release_dense_weights: bool = False
     fuse_siblings: bool = True
     slice_structured_zeros: bool = True
+    deterministic: bool = False
     mode: str | None = None
     inductor_config: dict[str, Any] = field(default_factory=dict)
 

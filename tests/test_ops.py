@@ -87,3 +87,37 @@ def test_stale_weight_detected():
     w.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
         call(x, fmt, b, w, token=token)
+
+
+def test_deterministic_option_ignores_tuned_choices(monkeypatch, tmp_path):
+    """options={"deterministic": True}: the kernel choice comes from no timing (nor from the autotune cache), so
+    it is the same in every process; without it the (here planted) tuned choice runs."""
+    from flashllm_compile.codegen import autotune
+    from flashllm_compile.codegen.kernels.common import TileConfig
+
+    w, b, fmt = make(dtype=torch.float16)
+    x = torch.randn(2, 96, dtype=torch.float16)
+    tuner = autotune.Autotuner()
+    key = autotune._key(fmt, 2, False)
+    tuner._choices[key] = autotune.Choice("mma", TileConfig("mma", 64, 16, 1, 4, 2), 1.0, float("nan"))
+    tuner._loaded_files.add(tuner.cache_file(str(tmp_path), x.device))
+    monkeypatch.setattr(ops, "AUTOTUNER", tuner)
+    monkeypatch.setitem(ops.RUNTIME, "cache_dir", str(tmp_path))
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    for deterministic, family in ((False, "mma"), (True, "rowwalk")):
+        monkeypatch.setitem(ops.RUNTIME, "deterministic", deterministic)
+        ops.KERNEL_HITS.clear()
+        torch.testing.assert_close(call(x, fmt, b, w, "triton").float(), ref, rtol=1e-2, atol=1e-2)
+        assert ops.KERNEL_HITS == {family: 1}
+
+
+def test_backend_sets_the_deterministic_runtime_flag(monkeypatch):
+    from flashllm_compile.backend import flashllm_backend
+
+    monkeypatch.setitem(ops.RUNTIME, "deterministic", False)
+    model = torch.nn.Linear(96, 48)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=lambda gm, ex: flashllm_backend(gm, ex, options={"deterministic": True}))
+    compiled(torch.randn(2, 96))
+    assert ops.RUNTIME["deterministic"] is True
+    torch._dynamo.reset()
