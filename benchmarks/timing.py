@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from flashllm_compile.codegen.autotune import replay_us
+
 # Enough distinct weight copies that the working set (>= 6 x 25 MB for the LLaMA-7B qkv weight) overflows
 # the H100's 50 MB L2: every replayed call reads its weight from HBM.
 ROTATIONS = 6
@@ -25,15 +27,7 @@ def graph_time_us(calls: Sequence[Callable[[], object]], replays: int = 20) -> f
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(times)[len(times) // 2]
+    return replay_us(graph, replays) / len(calls)
 
 
 def gpu_info() -> dict[str, str]:

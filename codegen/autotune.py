@@ -223,9 +223,10 @@ GRAPH_REPLAYS = 9  # replays of it; the median is taken
 FLUSH_BYTES = 128 << 20  # > the H100's 50 MB L2: written before each call so the weights come from HBM
 
 
-def _replay_us(graph) -> float:
+def replay_us(graph: torch.cuda.CUDAGraph, replays: int = GRAPH_REPLAYS) -> float:
+    """Median wall time of one replay of a captured CUDA graph, in microseconds (CUDA events)."""
     times = []
-    for _ in range(GRAPH_REPLAYS):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -253,7 +254,7 @@ def _bench(fn) -> float:
                 for _ in range(GRAPH_CALLS):
                     flush.zero_()
                     body()
-        return max(0.0, _replay_us(graphs["call"]) - _replay_us(graphs["flush"])) / GRAPH_CALLS
+        return max(0.0, replay_us(graphs["call"]) - replay_us(graphs["flush"])) / GRAPH_CALLS
     except RuntimeError as e:  # e.g. a capture-unsafe call: measure eagerly instead
         log.debug("flashllm autotune: CUDA-graph timing failed (%s), using do_bench", e)
         torch.cuda.synchronize()
