@@ -11,7 +11,6 @@ from typing import Any
 
 from torch import fx
 
-from flashllm_compile import ops
 from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.passes.rewrite_sparse_linear import rewrite_sparse_linears
 
@@ -58,7 +57,6 @@ def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str
     register_torch_logs()
     opts = FlashLLMOptions.from_any(options)
     _ensure_fake_metadata(gm, example_inputs)
-    ops.RUNTIME.update(autotune=opts.autotune, cache_dir=opts.cache_dir, deterministic=opts.deterministic)
     rewrite_sparse_linears(gm, example_inputs, opts)
     mode = mode or opts.mode
     config_patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_config}

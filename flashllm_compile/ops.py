@@ -7,6 +7,8 @@ A `torch.library` custom op with a fake implementation, so graphs containing it 
 from __future__ import annotations
 
 import collections
+import functools
+import json
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,15 @@ from flashllm_compile.options import KernelPreference, default_cache_dir
 # Which implementation ran, per call ("dense", "emulated", "mma", "rowwalk"): lets tests prove the path ran.
 KERNEL_HITS: collections.Counter[str] = collections.Counter()
 
-# Process-wide runtime settings the op reads (the op's signature only carries per-layer data).
+# Runtime settings of ops called without a `runtime` argument (e.g. eager `sparsify_` modules); compiled graphs
+# pass their own (FlashLLMOptions.runtime_spec), so two models compiled with different options do not mix.
 RUNTIME = {"autotune": True, "cache_dir": default_cache_dir(), "deterministic": False}
+
+
+@functools.lru_cache(maxsize=64)
+def _runtime(spec: str | None) -> dict:
+    """The settings an op call runs with: its JSON `runtime` spec, else the process defaults (RUNTIME)."""
+    return RUNTIME if spec is None else {**RUNTIME, **json.loads(spec)}
 
 
 # token -> data pointer of the weight the compressed tensors were made from (recorded on the op's first call)
@@ -69,7 +78,7 @@ def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Te
 # The schema is spelled out for `weights` (an optional tensor list, which the annotation-based inference rejects).
 @torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=(
     "(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor? bias, Tensor? dense_weight, SymInt n, SymInt k, "
-    "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None) -> Tensor"))
+    "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None, str? runtime=None) -> Tensor"))
 def sparse_linear(
     x: torch.Tensor,
     bitmap: torch.Tensor,
@@ -84,6 +93,7 @@ def sparse_linear(
     name: str,
     weight_token: int,
     weights: list[torch.Tensor] | None = None,
+    runtime: str | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W[N, K]^T (+ bias) with W given by the bitmap format (bitmap, offsets, values).
 
@@ -92,6 +102,7 @@ def sparse_linear(
     weights: for a fused or sliced op (a `watch_weights` token), the parameters it was compressed from: checked to
     still be the tensors that were compressed, and for a fused op (when they tile [N, K] by rows) the dense
     fallback runs on them in place, one GEMM each.
+    runtime: JSON of the compile's autotune / cache_dir / deterministic options (None: the process defaults).
     """
     _check_weight_unchanged(weight_token, name, dense_weight, weights)
     # A fused op's dense fallback runs on its member weights in place (row blocks of the fused weight).
@@ -117,11 +128,13 @@ def sparse_linear(
         family, out = "dense", dense_linear(x2d, dense, bias)
     else:
         allow_dense = preference is KernelPreference.AUTO and dense is not None
-        if RUNTIME["deterministic"]:  # a choice that does not depend on timings (FlashLLMOptions.deterministic)
+        settings = _runtime(runtime)
+        if settings["deterministic"]:  # a choice that does not depend on timings (FlashLLMOptions.deterministic)
             choice = untuned_choice(x2d.shape[0], allow_dense)
         else:
             choice = AUTOTUNER.choose(fmt, x2d.shape[0], dense, allow_dense=allow_dense,
-                                      tune=RUNTIME["autotune"] and not interpreting(), cache_dir=RUNTIME["cache_dir"])
+                                      tune=settings["autotune"] and not interpreting(),
+                                      cache_dir=settings["cache_dir"])
         family = choice.family
         if family == "dense":
             out = dense_linear(x2d, dense, bias)
@@ -132,7 +145,8 @@ def sparse_linear(
 
 
 @sparse_linear.register_fake
-def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None):
+def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None,
+      runtime=None):
     torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
     return x.new_empty((*x.shape[:-1], n))
 
@@ -157,7 +171,7 @@ def _backward(ctx, grad):
     grads = (grad_x, None, None, None, grad_bias, grad_w, None, None, None, None, None, None)
     # `weights` (only when passed; autograd wants the structure of the passed inputs): never differentiated
     passed = ctx.needs_input_grad[len(grads):]
-    return (*grads, *(None if p is None else [None] * len(p) for p in passed))
+    return (*grads, *([None] * len(p) if isinstance(p, (list, tuple)) else None for p in passed))
 
 
 sparse_linear.register_autograd(_backward, setup_context=_setup_context)

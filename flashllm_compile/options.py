@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,11 @@ class FlashLLMOptions:
     deterministic: bool = False
     mode: str | None = None
     inductor_config: dict[str, Any] = field(default_factory=dict)
+
+    def runtime_spec(self) -> str:
+        """The settings a compiled op reads at run time, as the op's `runtime` argument (JSON)."""
+        return json.dumps({"autotune": self.autotune, "cache_dir": self.cache_dir,
+                           "deterministic": self.deterministic}, sort_keys=True)
 
     def __post_init__(self) -> None:
         self.kernel = KernelPreference(self.kernel)

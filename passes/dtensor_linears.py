@@ -102,7 +102,7 @@ def classify(node: fx.Node, x: fx.Node, bias: fx.Node | None, weight, transposed
 
 
 def sparse_linear_dtensor(x, bitmap, offsets, values, bias, dense_weight, n: int, k: int, chunk_k: int, kernel: str,
-                          name: str, weight_token: int, style: str):
+                          name: str, weight_token: int, style: str, runtime: str | None = None):
     """The rewritten tensor-parallel linear (called from the graph; traced by AOTAutograd through DTensor).
 
     x: DTensor [..., K] (colwise: Replicate; rowwise: Shard(-1)); bitmap/offsets/values: this rank's compressed
@@ -113,7 +113,7 @@ def sparse_linear_dtensor(x, bitmap, offsets, values, bias, dense_weight, n: int
     local_bias = bias.to_local() if bias is not None and style == COLWISE else None  # Shard(0): this rank's part
     y = torch.ops.flashllm.sparse_linear(  # y: [..., n] local
         x.to_local(), bitmap, offsets, values, local_bias, None if dense_weight is None else dense_weight.to_local(),
-        n, k, chunk_k, kernel, name, weight_token)
+        n, k, chunk_k, kernel, name, weight_token, runtime=runtime)
     if style == COLWISE:
         return DTensor.from_local(y, x.device_mesh, (Shard(y.dim() - 1),), run_check=False)
     out = DTensor.from_local(y, x.device_mesh, (Partial(),), run_check=False)

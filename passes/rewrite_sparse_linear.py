@@ -92,7 +92,7 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOption
             op, extra = sparse_linear_dtensor, (match.dtensor,)
         new = graph.call_function(op, (
             match.x, *tensor_nodes, match.bias, dense, fmt.n, fmt.k, fmt.chunk_k, options.kernel.value,
-            match.name, watch_weight(match.weight), *extra))
+            match.name, watch_weight(match.weight), *extra), {"runtime": options.runtime_spec()})
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace", "nn_module_stack",
                                                                  "source_fn_stack", "tensor_meta")})
     _replace_node(graph, node, new)
@@ -152,7 +152,7 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: Struc
         y = call_with_meta(graph, torch.ops.flashllm.sparse_linear.default, x, get["bitmap"], get["offsets"],
                            get["values"], None if scatter else bias, dense, fmt.n, fmt.k, fmt.chunk_k,
                            options.kernel.value, fused_name(members), watch_weights(weights),
-                           [m.weight_node for m in members])  # [..., N']
+                           [m.weight_node for m in members], runtime=options.runtime_spec())  # [..., N']
         y.meta.update({k: v for k, v in first.node.meta.items() if k in ("stack_trace", "nn_module_stack",
                                                                          "source_fn_stack")})
         if scatter:

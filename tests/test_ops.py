@@ -111,13 +111,31 @@ def test_deterministic_option_ignores_tuned_choices(monkeypatch, tmp_path):
         assert ops.KERNEL_HITS == {family: 1}
 
 
-def test_backend_sets_the_deterministic_runtime_flag(monkeypatch):
+def test_compiled_ops_carry_their_own_runtime_options():
+    """Each compile passes its options to its ops (`runtime`), so two models compiled with different options
+    in one process do not share the last one's, and the process defaults (RUNTIME) are left alone."""
+    import json
+
     from flashllm_compile.backend import flashllm_backend
 
-    monkeypatch.setitem(ops.RUNTIME, "deterministic", False)
-    model = torch.nn.Linear(96, 48)
+    before = dict(ops.RUNTIME)
+    specs = []
+    for deterministic in (True, False):
+        graphs = []
+
+        def backend(gm, ex, deterministic=deterministic, graphs=graphs):
+            graphs.append(gm)
+            return flashllm_backend(gm, ex, options={"deterministic": deterministic, "autotune": False})
+
+        torch._dynamo.reset()
+        model = torch.nn.Linear(96, 48)
+        with torch.no_grad():
+            model.weight.copy_(make()[0])  # 80% zeros
+            torch.compile(model, backend=backend)(torch.randn(2, 96))
+        (node,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.flashllm.sparse_linear.default]
+        specs.append(json.loads(node.kwargs["runtime"]))
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=lambda gm, ex: flashllm_backend(gm, ex, options={"deterministic": True}))
-    compiled(torch.randn(2, 96))
-    assert ops.RUNTIME["deterministic"] is True
-    torch._dynamo.reset()
+    assert [s["deterministic"] for s in specs] == [True, False] and not any(s["autotune"] for s in specs)
+    assert ops.RUNTIME == before
+    assert ops._runtime(json.dumps({"deterministic": True}))["deterministic"] is True
+    assert ops._runtime(None) is ops.RUNTIME
