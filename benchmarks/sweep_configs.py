@@ -2,8 +2,8 @@
 
     python benchmarks/sweep_configs.py --shapes 12288x4096 4096x11008 --m 1 4 16 64 --sparsity 0.5 0.8 0.9
 
-Per (shape, M, sparsity): the best config of each family (do_bench medians, L2 flushed between runs), then
-the winner and cuBLAS timed side by side as CUDA-graph replays over rotated weight copies.  Also checks every
+Per (shape, M, sparsity): the best config of each family (the autotuner's timing: CUDA-graph replays, L2 flushed
+before every call), then the winner and cuBLAS timed side by side as CUDA-graph replays over rotated weight copies.  Also checks every
 timed config against dense F.linear on the same pruned weight (fp32 reference).  Prints a table last.
 """
 
@@ -15,12 +15,11 @@ import os
 import sys
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import ROTATIONS, gpu_info, graph_time_us
 
-from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
+from flashllm_compile.codegen.autotune import LAUNCHERS, bench_us, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 
 
@@ -46,8 +45,7 @@ def sweep_point(n, k, m, sparsity, dtype, chunk_ks, families, log):
             launch = LAUNCHERS[cfg.family]
             try:
                 err = rel_err(launch(x, fmts[0], None, cfg), ref)
-                t = triton.testing.do_bench(lambda l=launch, f=fmts[0], c=cfg: l(x, f, None, c), warmup=5, rep=20,
-                                            return_mode="median") * 1e3
+                t = bench_us(lambda l=launch, f=fmts[0], c=cfg: l(x, f, None, c))
             except Exception as e:  # noqa: BLE001 -- a config that fails to compile (e.g. out of shared memory) is skipped
                 print(f"  {cfg.short()} CK={chunk_k}: {type(e).__name__}: {str(e)[:100]}", file=log)
                 continue

@@ -2,9 +2,9 @@
 
 FlashDecoding++-style dispatch: for a given M the candidates are the row-walking CUDA-core kernel (M <= 8), the
 tensor-core kernel, unpack-then-cuBLAS (M >= 16, prefill without a dense copy), and dense cuBLAS (when the dense
-weight is kept).  Each is timed as CUDA-graph replays with L2
-flushed before every call (weights from HBM, no launch gaps: what a decode step under mode="reduce-overhead"
-sees; `_bench`); the fastest wins, so a sparse kernel that is slower than dense is never chosen.  Results persist in a JSON file keyed by GPU name,
+weight is kept).  Each is timed as CUDA-graph replays with L2 flushed before every call (weights from HBM, no
+launch gaps: what a decode step under mode="reduce-overhead" sees; `bench_us`); the fastest wins, so a sparse
+kernel that is slower than dense is never chosen.  Results persist in a JSON file keyed by GPU name,
 torch/triton versions and a hash of the kernel sources, so a second compile does not re-tune.
 """
 
@@ -176,11 +176,11 @@ class Autotuner:
         timings: list[tuple[float, str, TileConfig | None]] = []
         dense_us = float("nan")
         if dense_weight is not None:
-            dense_us = _bench(lambda: dense_linear(x, dense_weight))
+            dense_us = bench_us(lambda: dense_linear(x, dense_weight))
             timings.append((dense_us, "dense", None))
         for config in candidate_configs(m):
             try:
-                t = _bench(lambda c=config: LAUNCHERS[c.family](x, fmt, None, c))
+                t = bench_us(lambda c=config: LAUNCHERS[c.family](x, fmt, None, c))
             except Exception as e:  # noqa: BLE001 -- e.g. a config needing more shared memory than this GPU has
                 log.debug("flashllm autotune: %s failed: %s", config.short(), e)
                 continue
@@ -236,7 +236,7 @@ def replay_us(graph: torch.cuda.CUDAGraph, replays: int = GRAPH_REPLAYS) -> floa
     return sorted(times)[len(times) // 2]
 
 
-def _bench(fn) -> float:
+def bench_us(fn) -> float:
     """Time of one call of `fn` in us, as a decode step under mode="reduce-overhead" sees it: CUDA-graph replays
     (no launch gaps; our op's extra launches, e.g. the split-K reduction, cost what they cost there) with L2
     flushed before every call (weights from HBM).  do_bench instead charged eager launch gaps and picked sparse

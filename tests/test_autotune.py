@@ -29,7 +29,7 @@ def fake_bench(times):
 def test_fastest_sparse_config_wins_and_is_cached(fmt, tmp_path, monkeypatch):
     fmt, w = fmt
     bench, calls = fake_bench(lambda i: 100.0 if i == 1 else 50.0 - 0.01 * i)  # 1st call = dense
-    monkeypatch.setattr(autotune, "_bench", bench)
+    monkeypatch.setattr(autotune, "bench_us", bench)
     tuner = autotune.Autotuner()
     choice = tuner.choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     n_candidates = len(autotune.candidate_configs(4)) + 1
@@ -44,7 +44,7 @@ def test_fastest_sparse_config_wins_and_is_cached(fmt, tmp_path, monkeypatch):
 def test_dense_wins_when_sparse_is_slower(fmt, tmp_path, monkeypatch):
     fmt, w = fmt
     bench, _ = fake_bench(lambda i: 10.0 if i == 1 else 11.0)
-    monkeypatch.setattr(autotune, "_bench", bench)
+    monkeypatch.setattr(autotune, "bench_us", bench)
     choice = autotune.Autotuner().choose(fmt, 16, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     assert choice.family == "dense" and choice.config is None
 
@@ -63,7 +63,7 @@ def test_corrupt_cache_warns_and_retunes(fmt, tmp_path, monkeypatch):
     path = tuner.cache_file(str(tmp_path), fmt.values.device)
     path.write_text("{not json")
     bench, calls = fake_bench(lambda i: 1.0)
-    monkeypatch.setattr(autotune, "_bench", bench)
+    monkeypatch.setattr(autotune, "bench_us", bench)
     with pytest.warns(UserWarning, match="unreadable autotune cache"):
         tuner.choose(fmt, 1, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     assert calls and json.loads(path.read_text())  # rewritten as valid JSON
@@ -71,7 +71,7 @@ def test_corrupt_cache_warns_and_retunes(fmt, tmp_path, monkeypatch):
 
 def test_clear_removes_files(fmt, tmp_path, monkeypatch):
     fmt, w = fmt
-    monkeypatch.setattr(autotune, "_bench", fake_bench(lambda i: 1.0)[0])
+    monkeypatch.setattr(autotune, "bench_us", fake_bench(lambda i: 1.0)[0])
     tuner = autotune.Autotuner()
     tuner.choose(fmt, 1, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     assert list(tmp_path.glob("autotune-*.json"))
@@ -87,7 +87,7 @@ def test_m_buckets():
 def test_hit_path_touches_no_file(fmt, tmp_path, monkeypatch):
     """The op asks the tuner on every call: a hit must be a dict lookup (no cache-file path, no hashing)."""
     fmt, w = fmt
-    monkeypatch.setattr(autotune, "_bench", fake_bench(lambda i: 1.0)[0])
+    monkeypatch.setattr(autotune, "bench_us", fake_bench(lambda i: 1.0)[0])
     tuner = autotune.Autotuner()
     first = tuner.choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
 
