@@ -13,7 +13,7 @@ from typing import Any
 class KernelPreference(str, enum.Enum):
     """Which implementation a rewritten linear runs.
 
-    AUTO      measured choice per shape on CUDA (GEMV / tensor-core sparse kernel / dense cuBLAS, whichever is
+    AUTO      measured choice per shape on CUDA (row walk / tensor-core / unpack sparse kernels / dense cuBLAS, whichever is
               fastest; never a slower sparse kernel); on CPU the EMULATED path.
     TRITON    always our Triton sparse kernel (CUDA, or CPU under TRITON_INTERPRET=1).
     DENSE     the original dense op on the original weight (the rewrite still happens; useful to compare).

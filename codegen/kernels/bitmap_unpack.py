@@ -17,7 +17,7 @@ from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
 from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, interpreting
 
-UNPACK_MIN_M = 16  # below this the walk / tensor-core kernels (or the kept dense weight) are the candidates
+UNPACK_MIN_M = 16  # below this the row walk / tensor-core kernels (or the kept dense weight) are the candidates
 
 
 def get_bitmap_unpack_configs(m: int) -> list[TileConfig]:
