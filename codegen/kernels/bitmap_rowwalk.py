@@ -25,7 +25,13 @@ import triton.language as tl
 
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import popcount, store_output
-from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting, split_k_plan
+from flashllm_compile.codegen.kernels.common import (
+    TileConfig,
+    check_launch,
+    finish_split_k,
+    interpreting,
+    split_k_output,
+)
 
 ROWWALK_MAX_M = 8
 
@@ -128,11 +134,9 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
     m = x.shape[0]
     if m > config.block_m:
         raise ValueError(f"rowwalk config covers {config.block_m} tokens, got M={m}")
-    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
-    shape = (m, fmt.n) if split_k == 1 else (split_k, m, fmt.n)
-    out = torch.empty(shape, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    out, chunks_per_split, split_k = split_k_output(x, fmt, config)
     if m == 0:
-        return out if split_k == 1 else out.sum(0).to(x.dtype)
+        return finish_split_k(out, bias, x.dtype) if split_k > 1 else out
     xt = transpose_tokens(x, config.block_m)  # [K, BLOCK_M]
     grid = (triton.cdiv(fmt.n, config.block_n), split_k)
     _bitmap_rowwalk_kernel[grid](

@@ -56,6 +56,14 @@ def split_k_plan(fmt: BitmapWeight, split_k: int) -> tuple[int, int]:
     return per_split, triton.cdiv(fmt.num_chunks, per_split)
 
 
+def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig) -> tuple[torch.Tensor, int, int]:
+    """(out, chunks per split, splits): out is [M, N] in x's dtype, or fp32 [S, M, N] partials for split-K."""
+    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
+    shape = (x.shape[0], fmt.n) if split_k == 1 else (split_k, x.shape[0], fmt.n)
+    out = torch.empty(shape, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    return out, chunks_per_split, split_k
+
+
 def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None,
                          config: TileConfig, grid_m: int = 1, **meta) -> torch.Tensor:
     """What every family's launcher does: check, allocate out ([M, N], or fp32 [S, M, N] partials for split-K),
@@ -63,11 +71,9 @@ def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch
     check_launch(x, fmt, bias)
     x = x.contiguous()
     m = x.shape[0]
-    chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
-    shape = (m, fmt.n) if split_k == 1 else (split_k, m, fmt.n)
-    out = torch.empty(shape, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    out, chunks_per_split, split_k = split_k_output(x, fmt, config)
     if m == 0:
-        return out if split_k == 1 else out.sum(0).to(x.dtype)
+        return finish_split_k(out, bias, x.dtype) if split_k > 1 else out
     grid = (triton.cdiv(fmt.n, config.block_n), split_k, grid_m)
     kernel[grid](
         x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
