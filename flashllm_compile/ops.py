@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS, dense_linear, untuned_choice
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.formats.cache import _WATCHED, _WATCHED_SETS, weight_is_stale
+from flashllm_compile.codegen.formats.cache import replaced_weights, weight_is_stale
 from flashllm_compile.codegen.kernels.bitmap_unpack import unpack_weight
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES, interpreting
 from flashllm_compile.options import KernelPreference, default_cache_dir
@@ -34,21 +34,6 @@ def _runtime(spec: str | None) -> dict:
     return RUNTIME if spec is None else {**RUNTIME, **json.loads(spec)}
 
 
-# token -> data pointer of the weight the compressed tensors were made from (recorded on the op's first call)
-_WEIGHT_PTRS: dict[int, int] = {}
-
-
-def _is_compressed_weight(weight_token: int, dense_weight: torch.Tensor) -> bool:
-    """Is `dense_weight` (the weight the compiled graph passes now) still the tensor that was compressed?
-    Dynamo does not guard on parameter identity: after `module.weight = nn.Parameter(new)`, or when one compiled
-    graph serves several instances of a module class (`layer.compile()` per layer), it gets another tensor."""
-    ptr = _WEIGHT_PTRS.get(weight_token)
-    if ptr is None:
-        original = _WATCHED[weight_token][0]()  # the caller checked the token is a single-weight one
-        ptr = _WEIGHT_PTRS[weight_token] = (dense_weight if original is None else original).data_ptr()
-    return dense_weight.data_ptr() == ptr
-
-
 def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Tensor | None = None,
                             weights: list[torch.Tensor] | None = None) -> None:
     """Compressed tensors are a snapshot; an in-place update of the weight after compile, or a replaced
@@ -61,12 +46,9 @@ def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Te
             f"flashllm: the weight of '{name}' was modified in place (or its .data reassigned) after it was "
             "compressed at compile time. Call torch._dynamo.reset() and compile again so the weight is recompressed."
         )
-    if weights is not None and weight_token in _WATCHED_SETS:  # fused / sliced: each parameter against its token
-        replaced = not all(_is_compressed_weight(t, w) for t, w in zip(_WATCHED_SETS[weight_token], weights))
-    else:  # a single weight: its dense weight (a fused / sliced op's is built in the graph, hence `weights`)
-        replaced = dense_weight is not None and weight_token in _WATCHED and not _is_compressed_weight(weight_token,
-                                                                                                    dense_weight)
-    if replaced:
+    # fused / sliced ops: their member parameters (`weights`); a single weight: the dense weight it passes
+    passed = weights if weights is not None else [dense_weight] if dense_weight is not None else []
+    if replaced_weights(weight_token, passed):
         raise RuntimeError(
             f"flashllm: '{name}' got another weight tensor than the one compressed at compile time: the parameter "
             "was replaced (e.g. `module.weight = nn.Parameter(...)`), or this compiled graph is reused for another "

@@ -105,6 +105,29 @@ def watch_weights(weights: Sequence[torch.Tensor]) -> int:
     return token
 
 
+# token -> data pointer of the compressed weight (taken from the original, or the first tensor checked if the
+# original was freed)
+_WEIGHT_PTRS: dict[int, int] = {}
+
+
+def replaced_weights(token: int, tensors: Sequence[torch.Tensor]) -> bool:
+    """Are `tensors` (what a compiled graph passes now: the weight of a `watch_weight` token, or the members of a
+    `watch_weights` one, in order) other tensors than the ones watched?  Dynamo does not guard on parameter
+    identity: after `module.weight = nn.Parameter(new)`, or when one compiled graph serves several instances of a
+    module class (`layer.compile()` per layer), it passes another tensor.  Unknown tokens: False."""
+    tokens = _WATCHED_SETS.get(token, (token,))
+    for t, tensor in zip(tokens, tensors):
+        if t not in _WATCHED:
+            continue
+        ptr = _WEIGHT_PTRS.get(t)
+        if ptr is None:
+            original = _WATCHED[t][0]()
+            ptr = _WEIGHT_PTRS[t] = (tensor if original is None else original).data_ptr()
+        if tensor.data_ptr() != ptr:
+            return True
+    return False
+
+
 def weight_is_stale(token: int) -> bool:
     """True when the watched weight (any of them, for a `watch_weights` token) was modified in place since it
     was watched (False if it was freed)."""
