@@ -27,3 +27,17 @@ def _fresh_dynamo_state():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def poison_outputs():
+    """torch.empty returns NaN-filled memory while it runs: an output element a kernel fails to write shows up as
+    NaN.  Used by the kernel tests (`pytest.mark.usefixtures("poison_outputs")`)."""
+    import torch
+
+    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(old[0])
+    torch.utils.deterministic.fill_uninitialized_memory = old[1]

@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from compile_util import compile_and_compare
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -41,21 +42,8 @@ def linear(k: int, n: int, bias: bool = True) -> nn.Linear:
 
 
 def run(model: nn.Module, *inputs: torch.Tensor, **options):
-    """Compile with the flashllm backend (options), run once without grad; (output, eager output, graphs)."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        compiled = flashllm_backend(gm, example_inputs, options=options)
-        graphs.append(gm)
-        return compiled
-
-    with torch.no_grad():
-        ref = model(*inputs)
-        hits = sum(ops.KERNEL_HITS.values())
-        out = torch.compile(model, backend=backend)(*inputs)
-        hits = sum(ops.KERNEL_HITS.values()) - hits
-    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
-    return out, hits, graphs
+    """Compile (options), run once without grad, compare with eager; (output, op calls, graphs)."""
+    return compile_and_compare(model, *inputs, rtol=RTOL, atol=ATOL, **options)
 
 
 def op_nodes(graphs) -> list[torch.fx.Node]:

@@ -31,8 +31,11 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
+pytestmark = [
+    pytest.mark.usefixtures("poison_outputs"),  # tests/conftest.py
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                       reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU"),
+]
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 PATTERNS = ("uniform", "row_skewed", "col_skewed", "block", "all_zero", "dense")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,17 +44,6 @@ OUT_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0*
 FUZZ = settings(derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    """torch.empty returns NaN-filled memory: an element a kernel fails to write shows up as NaN."""
-    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    torch.utils.deterministic.fill_uninitialized_memory = old[1]
 
 
 def make_weight(n: int, k: int, sparsity: float, pattern: str, seed: int, device: str = "cpu") -> torch.Tensor:

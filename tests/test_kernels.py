@@ -15,20 +15,13 @@ from flashllm_compile.codegen.kernels.bitmap_rowwalk import bitmap_rowwalk, get_
 from flashllm_compile.codegen.kernels.bitmap_unpack import get_bitmap_unpack_configs, unpack_weight
 from flashllm_compile.codegen.kernels.common import TileConfig
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU")
+pytestmark = [
+    pytest.mark.usefixtures("poison_outputs"),  # tests/conftest.py
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                       reason="needs TRITON_INTERPRET=1 (set by tests/conftest.py) or a GPU"),
+]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    old = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(old[0])
-    torch.utils.deterministic.fill_uninitialized_memory = old[1]
 
 
 def make_case(n, k, m, sparsity, dtype, seed=0, bias=True):

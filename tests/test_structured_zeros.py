@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compile_util import compile_and_compare
 from torch import nn
 from torch._dynamo.utils import counters
 
-from flashllm_compile import ops
-from flashllm_compile.backend import flashllm_backend
 from flashllm_compile.codegen.formats import cache
 from flashllm_compile.passes.slice_structured_zeros import MIN_SLICE_FRACTION, structured_slice
 
@@ -33,19 +32,7 @@ def make_linear(rows=ZERO_ROWS, cols=ZERO_COLS, bias: bool = True, n: int = N, k
 
 def run(model: nn.Module, x: torch.Tensor, **options):
     """Compile (options), run once without grad, compare with eager; (output, op calls, sparse_linear nodes)."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        compiled = flashllm_backend(gm, example_inputs, options=options)
-        graphs.append(gm)
-        return compiled
-
-    with torch.no_grad():
-        ref = model(x)
-        hits = sum(ops.KERNEL_HITS.values())
-        out = torch.compile(model, backend=backend)(x)
-        hits = sum(ops.KERNEL_HITS.values()) - hits
-    torch.testing.assert_close(out, ref, rtol=RTOL, atol=ATOL)
+    out, hits, graphs = compile_and_compare(model, x, rtol=RTOL, atol=ATOL, **options)
     return out, hits, [n for gm in graphs for n in gm.graph.nodes if n.target is SPARSE_LINEAR]
 
 

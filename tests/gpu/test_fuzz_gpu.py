@@ -20,12 +20,15 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the CPU fuzz test's helpers
-from test_fuzz import DTYPES, FUZZ, PATTERNS, poison_outputs, run_case  # noqa: F401 (autouse fixture)
+from test_fuzz import DTYPES, FUZZ, PATTERNS, run_case
 
 from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                                reason="needs a CUDA GPU and the real Triton compiler (FLASHLLM_TEST_GPU=1)")
+pytestmark = [
+    pytest.mark.usefixtures("poison_outputs"),  # tests/conftest.py
+    pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                       reason="needs a CUDA GPU and the real Triton compiler (FLASHLLM_TEST_GPU=1)"),
+]
 EXAMPLES = int(os.environ.get("FLASHLLM_FUZZ_EXAMPLES", "150"))
 ODD = [1, 2, 3, 31, 33, 127, 129, 255, 257, 1023, 1025, 2560, 4095, 4097, 11008, 11009]
 LLAMA_7B = [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008)]
