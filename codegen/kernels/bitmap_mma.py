@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile, store_output
 from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
@@ -60,10 +61,11 @@ def _bitmap_mma_kernel(
     store_output(out_ptr, bias_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS)
 
 
-def bitmap_mma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
-    """x: [M, K] -> [M, N] with the tensor-core kernel. Checks, allocates, launches; nothing else."""
+def bitmap_mma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig,
+               epilogue: Epilogue | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N] (N_out with an epilogue) with the tensor-core kernel. Checks, allocates, launches."""
     # fp32 must not silently become tf32; the interpreter's bf16 dot is wrong (numpy has no bf16), so it
     # upcasts there too. On the GPU, fp16/bf16 use the native tensor-core dot.
     fp32_dot = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
     return launch_bitmap_kernel(_bitmap_mma_kernel, x, fmt, bias, config, grid_m=triton.cdiv(x.shape[0], config.block_m),
-                                FP32_DOT=fp32_dot)
+                                epilogue=epilogue, FP32_DOT=fp32_dot)

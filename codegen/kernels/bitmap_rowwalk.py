@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import popcount, store_output
 from flashllm_compile.codegen.kernels.common import (
@@ -128,22 +129,25 @@ def transpose_tokens(x: torch.Tensor, block_m: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, block_m - m)).t().contiguous() if m < block_m else x.t().contiguous()
 
 
-def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
-    """x: [M, K] with M <= config.block_m -> [M, N], row-walking CUDA-core kernel. Checks, allocates, launches."""
+def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig,
+                   epilogue: Epilogue | None = None) -> torch.Tensor:
+    """x: [M, K] with M <= config.block_m -> [M, N] (N_out with an epilogue), row-walking CUDA-core kernel.
+    Checks, allocates, launches."""
     check_launch(x, fmt, bias)
     m = x.shape[0]
     if m > config.block_m:
         raise ValueError(f"rowwalk config covers {config.block_m} tokens, got M={m}")
-    out, chunks_per_split, split_k = split_k_output(x, fmt, config)
+    out, chunks_per_split, split_k = split_k_output(x, fmt, config, epilogue)
+    partials = out.dim() == 3  # fp32 [S, M, N]: split-K, or an epilogue
     if m == 0:
-        return finish_split_k(out, bias, x.dtype) if split_k > 1 else out
+        return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
     xt = transpose_tokens(x, config.block_m)  # [K, BLOCK_M]
     grid = (triton.cdiv(fmt.n, config.block_n), split_k)
     _bitmap_rowwalk_kernel[grid](
         xt, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
         m, fmt.n, fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k, BLOCK_N=config.block_n,
+        HAS_BIAS=bias is not None, PARTIALS=partials, CHUNK_K=fmt.chunk_k, BLOCK_N=config.block_n,
         BLOCK_M=config.block_m, SEGMENTS=config.segments, HW_POPC=not interpreting(),
         num_warps=config.num_warps, num_stages=1,
     )
-    return out if split_k == 1 else finish_split_k(out, bias, x.dtype)
+    return finish_split_k(out, bias, x.dtype, epilogue) if partials else out

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
-from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, interpreting
+from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting
 
 UNPACK_MIN_M = 16  # below this the row walk / tensor-core kernels (or the kept dense weight) are the candidates
 
@@ -56,7 +57,12 @@ def unpack_weight(fmt: BitmapWeight, block_n: int = 64, num_warps: int = 4) -> t
     return out
 
 
-def bitmap_unpack(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig) -> torch.Tensor:
-    """x: [M, K] -> [M, N]: unpack the weight into a scratch buffer, then F.linear (cuBLAS). Checks, launches."""
+def bitmap_unpack(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig,
+                  epilogue: Epilogue | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N]: unpack the weight into a scratch buffer, then F.linear (cuBLAS); with an epilogue, the
+    epilogue kernel on its output (bias added there, in fp32) -> [M, N_out]. Checks, launches."""
     check_launch(x, fmt, bias)
-    return F.linear(x, unpack_weight(fmt, config.block_n, config.num_warps), bias)
+    weight = unpack_weight(fmt, config.block_n, config.num_warps)  # [N, K]
+    if epilogue is None:
+        return F.linear(x, weight, bias)
+    return finish_split_k(F.linear(x, weight)[None], bias, x.dtype, epilogue)

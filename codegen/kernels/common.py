@@ -1,4 +1,4 @@
-"""What both kernel launchers share: the tile config record, argument checks, split-K bookkeeping."""
+"""What the kernel launchers share: the tile config record, argument checks, split-K bookkeeping, the epilogue."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import NamedTuple
 import torch
 import triton
 
+from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.kernels.epilogue import fused_epilogue
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,38 +58,42 @@ def split_k_plan(fmt: BitmapWeight, split_k: int) -> tuple[int, int]:
     return per_split, triton.cdiv(fmt.num_chunks, per_split)
 
 
-def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig) -> tuple[torch.Tensor, int, int]:
-    """(out, chunks per split, splits): out is [M, N] in x's dtype, or fp32 [S, M, N] partials for split-K."""
+def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig,
+                   epilogue: Epilogue | None = None) -> tuple[torch.Tensor, int, int]:
+    """(out, chunks per split, splits): out is [M, N] in x's dtype, or fp32 [S, M, N] partials for split-K and
+    whenever there is an epilogue (S = 1 then: the epilogue kernel applies act / residual in fp32)."""
     chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
-    shape = (x.shape[0], fmt.n) if split_k == 1 else (split_k, x.shape[0], fmt.n)
-    out = torch.empty(shape, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    partials = split_k > 1 or epilogue is not None
+    shape = (split_k, x.shape[0], fmt.n) if partials else (x.shape[0], fmt.n)
+    out = torch.empty(shape, device=x.device, dtype=torch.float32 if partials else x.dtype)
     return out, chunks_per_split, split_k
 
 
 def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None,
-                         config: TileConfig, grid_m: int = 1, **meta) -> torch.Tensor:
-    """What every family's launcher does: check, allocate out ([M, N], or fp32 [S, M, N] partials for split-K),
-    launch `kernel` on grid (row blocks, splits, grid_m), reduce the partials.  x: [M, K] -> [M, N]."""
+                         config: TileConfig, grid_m: int = 1, epilogue: Epilogue | None = None,
+                         **meta) -> torch.Tensor:
+    """What every family's launcher does: check, allocate out ([M, N], or fp32 [S, M, N] partials for split-K or an
+    epilogue), launch `kernel` on grid (row blocks, splits, grid_m), finish the partials.  x: [M, K] -> [M, N_out]."""
     check_launch(x, fmt, bias)
     x = x.contiguous()
     m = x.shape[0]
-    out, chunks_per_split, split_k = split_k_output(x, fmt, config)
+    out, chunks_per_split, split_k = split_k_output(x, fmt, config, epilogue)
+    partials = out.dim() == 3
     if m == 0:
-        return finish_split_k(out, bias, x.dtype) if split_k > 1 else out
+        return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
     grid = (triton.cdiv(fmt.n, config.block_n), split_k, grid_m)
     kernel[grid](
         x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
         m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, PARTIALS=split_k > 1, CHUNK_K=fmt.chunk_k,
+        HAS_BIAS=bias is not None, PARTIALS=partials, CHUNK_K=fmt.chunk_k,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages, **meta,
     )
-    return out if split_k == 1 else finish_split_k(out, bias, x.dtype)
+    return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
 
 
-def finish_split_k(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """partials: fp32 [S, M, N] -> dtype [M, N]; deterministic (fixed-order sum, no atomics)."""
-    out = partials.sum(0)
-    if bias is not None:
-        out += bias.float()
-    return out.to(dtype)
+def finish_split_k(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                   epilogue: Epilogue | None = None) -> torch.Tensor:
+    """partials: fp32 [S, M, N] -> dtype [M, N_out], with the epilogue: one launch of the epilogue kernel
+    (deterministic: fixed-order sum, no atomics)."""
+    return fused_epilogue(partials, bias, epilogue, dtype)
