@@ -15,6 +15,11 @@ a random prompt of --prompt-len tokens is decoded greedily for exactly --new-tok
   flashllm  generate(..., compile_config=CompileConfig(backend="flashllm", mode="reduce-overhead"))
             (transformers compiles the decode step, CUDA graphs included; the prefill runs eager)
 
+--flashllm-options '{"fuse_epilogues": false}' passes backend options (flashllm_compile.options.FlashLLMOptions
+fields, JSON) to the flashllm configuration, e.g. to measure one pass on and off; they are recorded in the
+flashllm_options column.  (torch.compile refuses mode= together with options=, so the mode then travels as the
+backend's own "mode" option.)
+
 For the compiled configurations the first generate is timed as compile_s (tracing, Inductor, CUDA-graph
 recording and flashllm autotuning), a second one warms up, a third is timed.  Dynamo is reset between
 configurations, so every point compiles afresh; by default Inductor's on-disk caches and the flashllm autotune
@@ -36,6 +41,7 @@ bench_e2e.png (tokens/s against batch, one panel per sparsity) and a table print
                         over all three generates, then over the timed one; under CUDA graphs the timed run
                         replays graphs and runs no Python, so its count is normally empty
   error                 the exception of a configuration that failed (the benchmark goes on)
+  flashllm_options      the --flashllm-options JSON of the run ("" for the defaults)
 
 Needs a CUDA GPU, transformers and matplotlib.  A full default run (4 sparsities x 3 batches x 2 compiled
 configurations of a 32-layer model) takes a long time: use --layers and fewer points for a quick look.
@@ -48,6 +54,7 @@ import collections
 import contextlib
 import csv
 import gc
+import json
 import os
 import sys
 import tempfile
@@ -64,7 +71,7 @@ ARCHS = {
 CONFIGS = ("eager", "inductor", "flashllm")
 COLUMNS = ["gpu", "torch", "triton", "arch", "layers", "sparsity", "batch", "config", "tokens_per_s",
            "speedup_vs_inductor", "compile_s", "weight_mem_gb", "weight_mem_if_released_gb", "peak_mem_gb",
-           "token_match", "kernel_hits", "error"]
+           "token_match", "kernel_hits", "error", "flashllm_options"]
 GB = 1e9
 
 
@@ -173,12 +180,13 @@ def reset_compiled_state(device: torch.device) -> None:
 
 
 def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens: int, mode: str | None,
-                 cold_cache_dir: str | None = None) -> dict:
+                 cold_cache_dir: str | None = None, flashllm_options: dict | None = None) -> dict:
     """Time one configuration ("eager", "inductor" or "flashllm") at one (sparsity, batch) point.
 
     Returns a dict with tokens_per_s, compile_s, weight_mem_gb, weight_mem_if_released_gb, peak_mem_gb,
     kernel_hits, error and the generated tokens under "_tokens" (None where the configuration failed).
-    `cold_cache_dir`: the flashllm autotune cache folder (FLASHLLM_CACHE_DIR), emptied before the compile."""
+    `cold_cache_dir`: the flashllm autotune cache folder (FLASHLLM_CACHE_DIR), emptied before the compile.
+    `flashllm_options`: backend options of the flashllm configuration (FlashLLMOptions fields)."""
     from flashllm_compile import ops
     from flashllm_compile.report import record_decisions
 
@@ -199,6 +207,9 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
             from transformers import CompileConfig
 
             compile_config = CompileConfig(backend=config, mode=mode, fullgraph=False)
+            if config == "flashllm" and flashllm_options:  # torch.compile refuses mode= with options=
+                compile_config = CompileConfig(backend=config, mode=None, fullgraph=False,
+                                               options={**flashllm_options, "mode": mode})
             with record_decisions() as decisions:  # filled by the flashllm compiles during the first generate
                 _, row["compile_s"] = timed_generate(model, ids, new_tokens, compile_config)
         else:
@@ -238,9 +249,10 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
 
 
 def bench_point(model, orig_forward, ids: torch.Tensor, new_tokens: int, mode: str | None,
-                cold_cache_dir: str | None = None) -> list[dict]:
+                cold_cache_dir: str | None = None, flashllm_options: dict | None = None) -> list[dict]:
     """All configurations at one (sparsity, batch) point, with speedup and token match vs inductor."""
-    results = {c: bench_config(model, orig_forward, c, ids, new_tokens, mode, cold_cache_dir) for c in CONFIGS}
+    results = {c: bench_config(model, orig_forward, c, ids, new_tokens, mode, cold_cache_dir, flashllm_options)
+               for c in CONFIGS}
     ref = results["inductor"]
     for config, row in results.items():
         row["speedup_vs_inductor"] = None
@@ -254,7 +266,7 @@ def bench_point(model, orig_forward, ids: torch.Tensor, new_tokens: int, mode: s
 
 def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens: int, device: str = "cuda",
         dtype: torch.dtype = torch.float16, mode: str | None = "reduce-overhead", cold_cache_dir: str | None = None,
-        on_point=None) -> list[dict]:
+        on_point=None, flashllm_options: dict | None = None) -> list[dict]:
     """The whole benchmark; returns the CSV rows.  `on_point(rows)` is called after every point."""
     from flashllm_compile.prune import magnitude_prune_
 
@@ -276,10 +288,10 @@ def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens:
         for batch in batches:
             generator = torch.Generator().manual_seed(1000 + batch)  # the same prompt for every config/sparsity
             ids = torch.randint(0, dims["vocab"], (batch, prompt_len), generator=generator).to(device)
-            for row in bench_point(model, orig_forward, ids, new_tokens, mode, cold_cache_dir):
+            for row in bench_point(model, orig_forward, ids, new_tokens, mode, cold_cache_dir, flashllm_options):
                 row.pop("_tokens")
                 rows.append({**info, "arch": arch, "layers": dims["layers"], "sparsity": sparsity, "batch": batch,
-                             **row})
+                             **row, "flashllm_options": json.dumps(flashllm_options) if flashllm_options else ""})
                 print(f"  s={sparsity} batch={batch} {row['config']}: {_fmt(row['tokens_per_s'], 1)} tok/s, "
                       f"compile {_fmt(row['compile_s'], 1)} s {row['kernel_hits']} {row['error']}", flush=True)
             if on_point is not None:
@@ -370,9 +382,22 @@ def main() -> None:
                         "flashllm autotune cache in a fresh temporary folder, cleared before every compile")
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for both compiled configs "
                         "('default' turns CUDA graphs off; default: %(default)s)")
+    parser.add_argument("--flashllm-options", type=json.loads, default=None, metavar="JSON",
+                        help="backend options of the flashllm configuration, e.g. '{\"fuse_epilogues\": false}' "
+                        "(FlashLLMOptions fields; default: none, the backend's defaults)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"),
                         help="output folder (default: $OUT, else benchmarks/out; now %(default)s)")
     args = parser.parse_args()
+
+    if args.flashllm_options is not None:
+        from flashllm_compile.options import FlashLLMOptions
+
+        if not isinstance(args.flashllm_options, dict):
+            parser.error("--flashllm-options must be a JSON object, e.g. '{\"fuse_epilogues\": false}'")
+        try:  # unknown or invalid options fail now, not after building and pruning a 7B model
+            FlashLLMOptions.from_any(args.flashllm_options)
+        except (TypeError, ValueError) as e:
+            parser.error(f"--flashllm-options: {e}")
 
     if not torch.cuda.is_available():
         print("bench_e2e.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run.", file=sys.stderr)
@@ -397,7 +422,8 @@ def main() -> None:
     csv_path, png_path = os.path.join(args.out, "bench_e2e.csv"), os.path.join(args.out, "bench_e2e.png")
     rows = run(args.arch, dims, args.sparsity, args.batch, args.prompt_len, args.new_tokens,
                mode=None if args.mode == "default" else args.mode, cold_cache_dir=cold_cache_dir,
-               on_point=lambda rows: write_csv(rows, csv_path))  # rewritten after every point: partial runs count
+               on_point=lambda rows: write_csv(rows, csv_path),  # rewritten after every point: partial runs count
+               flashllm_options=args.flashllm_options)
     write_csv(rows, csv_path)
     try:
         plot(rows, png_path)

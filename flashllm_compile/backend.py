@@ -1,4 +1,4 @@
-"""The TorchDynamo backend `flashllm`: rewrite sparse linears, hand the whole graph to Inductor.
+"""The TorchDynamo backend `flashllm`: rewrite sparse linears, fold their epilogues, hand the graph to Inductor.
 
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so
 `torch.compile(model, backend="flashllm")` works without importing this package, and importing it does not
@@ -12,7 +12,9 @@ from typing import Any
 from torch import fx
 
 from flashllm_compile.options import FlashLLMOptions
+from flashllm_compile.passes.fuse_epilogues import fuse_epilogues
 from flashllm_compile.passes.rewrite_sparse_linear import rewrite_sparse_linears
+from flashllm_compile.report import note_epilogues, record_decisions
 
 
 def _ensure_fake_metadata(gm: fx.GraphModule, example_inputs: list[Any]) -> None:
@@ -57,7 +59,10 @@ def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str
     register_torch_logs()
     opts = FlashLLMOptions.from_any(options)
     _ensure_fake_metadata(gm, example_inputs)
-    rewrite_sparse_linears(gm, example_inputs, opts)
+    with record_decisions() as decisions:
+        rewrite_sparse_linears(gm, example_inputs, opts)
+    if opts.fuse_epilogues:  # also the ops a sparsify_'d model calls itself
+        note_epilogues(decisions, fuse_epilogues(gm))
     mode = mode or opts.mode
     config_patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_config}
     return compile_fx(gm, example_inputs, config_patches=config_patches)

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS, dense_linear, untuned_choice
+from flashllm_compile.codegen.epilogue_spec import Epilogue, apply_epilogue, parse_epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.cache import replaced_weights, weight_is_stale
 from flashllm_compile.codegen.kernels.bitmap_unpack import unpack_weight
-from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES, interpreting
+from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES, finish_split_k, interpreting
 from flashllm_compile.options import KernelPreference, default_cache_dir
 
 # Which implementation ran, per call ("dense", "emulated", "mma", "rowwalk"): lets tests prove the path ran.
@@ -60,7 +61,8 @@ def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Te
 # The schema is spelled out for `weights` (an optional tensor list, which the annotation-based inference rejects).
 @torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=(
     "(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor? bias, Tensor? dense_weight, SymInt n, SymInt k, "
-    "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None, str? runtime=None) -> Tensor"))
+    "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None, str? runtime=None, "
+    "str? epilogue=None, Tensor? residual=None) -> Tensor"))
 def sparse_linear(
     x: torch.Tensor,
     bitmap: torch.Tensor,
@@ -76,8 +78,11 @@ def sparse_linear(
     weight_token: int,
     weights: list[torch.Tensor] | None = None,
     runtime: str | None = None,
+    epilogue: str | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[..., N] = x[..., K] @ W[N, K]^T (+ bias) with W given by the bitmap format (bitmap, offsets, values).
+    """y[..., N] = x[..., K] @ W[N, K]^T (+ bias) with W given by the bitmap format (bitmap, offsets, values),
+    then the epilogue, in fp32 before the cast (codegen/epilogue_spec.py; folded by passes/fuse_epilogues.py).
 
     dense_weight: the original [N, K] weight (or a view of it) when kept for the dense fallback, else None.
     kernel: a KernelPreference value. name: the layer, for errors. weight_token: from `watch_weight` (-1: none).
@@ -85,6 +90,8 @@ def sparse_linear(
     still be the tensors that were compressed, and for a fused op (when they tile [N, K] by rows) the dense
     fallback runs on them in place, one GEMM each.
     runtime: JSON of the compile's autotune / cache_dir / deterministic options (None: the process defaults).
+    epilogue: "silu" | "gelu" | "gelu_tanh" | "relu", or "<act>*up": act(y[..., :N/2]) * y[..., N/2:] -> [..., N/2].
+    residual: [..., N_out] in x's dtype, added last.
     """
     _check_weight_unchanged(weight_token, name, dense_weight, weights)
     # A fused op's dense fallback runs on its member weights in place (row blocks of the fused weight).
@@ -96,6 +103,8 @@ def sparse_linear(
         raise ValueError(f"flashllm '{name}': input has {x.shape[-1]} features, the weight expects {k}")
     fmt = BitmapWeight(bitmap, offsets, values, n, k, chunk_k)
     x2d = x.reshape(-1, k)
+    epi = _epilogue(epilogue, residual, x, n, name)  # None: plain linear
+    n_out = epi.out_features(n) if epi is not None else n
     preference = KernelPreference(kernel)
     on_kernel_device = x.device.type == "cuda" or (interpreting() and preference is KernelPreference.TRITON)
     usable = x.dtype == values.dtype and x.dtype in KERNEL_DTYPES and on_kernel_device
@@ -103,11 +112,13 @@ def sparse_linear(
         raise RuntimeError(f"flashllm '{name}': kernel='triton' needs a CUDA input (or TRITON_INTERPRET=1) of "
                            f"dtype {values.dtype}; got {x.dtype} on {x.device}. Use kernel='auto' for fallbacks.")
     if preference is KernelPreference.EMULATED or (preference is KernelPreference.AUTO and not usable):
-        family, out = "emulated", F.linear(x2d, fmt.to_dense().to(x.dtype), bias)
+        family, out = "emulated", F.linear(x2d, fmt.to_dense().to(x.dtype), bias if epi is None else None)
+        if epi is not None:
+            out = apply_epilogue(out[None], bias, epi, x.dtype)
     elif preference is KernelPreference.DENSE:
         if dense is None:  # the Triton unpack pass on the GPU (to_dense's boolean indexing syncs the device)
             dense = unpack_weight(fmt) if x.is_cuda and values.dtype in KERNEL_DTYPES else fmt.to_dense()
-        family, out = "dense", dense_linear(x2d, dense, bias)
+        family, out = "dense", _dense_linear(x2d, dense, bias, epi)
     else:
         allow_dense = preference is KernelPreference.AUTO and dense is not None
         settings = _runtime(runtime)
@@ -119,18 +130,48 @@ def sparse_linear(
                                       cache_dir=settings["cache_dir"])
         family = choice.family
         if family == "dense":
-            out = dense_linear(x2d, dense, bias)
+            out = _dense_linear(x2d, dense, bias, epi)
         else:
-            out = LAUNCHERS[family](x2d, fmt, bias, choice.config)
+            out = LAUNCHERS[family](x2d, fmt, bias, choice.config, epi)
     KERNEL_HITS[family] += 1
-    return out.reshape(*x.shape[:-1], n)
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+def _epilogue(text: str | None, residual: torch.Tensor | None, x: torch.Tensor, n: int, name: str) -> Epilogue | None:
+    """The op's epilogue with its residual as [M, N_out] (None when there is neither); checked."""
+    if not text and residual is None:
+        return None
+    epi = Epilogue.parse(text)
+    if epi.glu and n % 2:
+        raise ValueError(f"flashllm '{name}': epilogue {text!r} needs an even number of output features, got {n}")
+    n_out = epi.out_features(n)
+    if residual is not None:
+        if residual.shape != (*x.shape[:-1], n_out) or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"flashllm '{name}': residual must be {(*x.shape[:-1], n_out)} {x.dtype} on {x.device} "
+                             f"(no broadcasting), got {tuple(residual.shape)} {residual.dtype} on {residual.device}")
+        epi = Epilogue(epi.act, epi.glu, residual.reshape(-1, n_out))
+    return epi
+
+
+def _dense_linear(x2d: torch.Tensor, dense, bias: torch.Tensor | None, epi: Epilogue | None) -> torch.Tensor:
+    """cuBLAS (`dense_linear`), then the epilogue (bias included, in fp32): the epilogue kernel on CUDA, the torch
+    reference elsewhere; a lone residual goes into cuBLAS's own epilogue (addmm, beta = 1: no extra launch).
+    x2d: [M, K] -> [M, N_out]."""
+    if epi is None:
+        return dense_linear(x2d, dense, bias)
+    weight = dense if isinstance(dense, torch.Tensor) else dense[0] if len(dense) == 1 else None  # [N, K]
+    if weight is not None and bias is None and not epi.act and not epi.glu:
+        return torch.addmm(epi.residual, x2d, weight.t())  # residual [M, N] + x [M, K] @ W^T
+    y = dense_linear(x2d, dense)[None]  # [1, M, N] in x's dtype
+    return finish_split_k(y, bias, x2d.dtype, epi) if y.is_cuda else apply_epilogue(y, bias, epi, x2d.dtype)
 
 
 @sparse_linear.register_fake
 def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None,
-      runtime=None):
+      runtime=None, epilogue=None, residual=None):
     torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
-    return x.new_empty((*x.shape[:-1], n))
+    _, glu = parse_epilogue(epilogue)
+    return x.new_empty((*x.shape[:-1], n // 2 if glu else n))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -138,10 +179,16 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x, bitmap, offsets, values, dense_weight)
     ctx.meta = (n, k, chunk_k)
     ctx.has_bias = bias is not None
+    ctx.epilogue = (inputs[14], inputs[15] is not None)  # (epilogue, has residual)
+    ctx.name = inputs[10]
 
 
 def _backward(ctx, grad):
     """Dense backward (training is not the target; correctness is): grad_x = grad @ W, grad_W = grad^T x."""
+    if ctx.epilogue[0] or ctx.epilogue[1]:  # passes/fuse_epilogues.py folds nothing when a gradient may flow
+        raise RuntimeError(f"flashllm '{ctx.name}': no backward for a sparse_linear with a fused epilogue "
+                           f"(epilogue={ctx.epilogue[0]!r}, residual: {ctx.epilogue[1]}); compile in grad mode with "
+                           "inputs that require grad (the epilogue is then not folded), or fuse_epilogues=False")
     x, bitmap, offsets, values, dense_weight = ctx.saved_tensors
     n, k, chunk_k = ctx.meta
     weight = dense_weight if dense_weight is not None else BitmapWeight(bitmap, offsets, values, n, k,

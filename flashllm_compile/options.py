@@ -51,6 +51,9 @@ class FlashLLMOptions:
                        A fused op's dense fallback runs one GEMM per member weight in place; a sliced op's (and HF
                        Conv1D siblings') dense weight is built in the graph on every call (index_select / torch.cat
                        of the parameters), which release_dense_weights=True avoids.
+    fuse_epilogues     fold the pointwise ops right after a rewritten linear into its op: the SwiGLU product
+                       silu(gate) * up of fused gate/up siblings, an activation (silu, gelu, relu), a residual add;
+                       computed in fp32 in the kernel's split-K epilogue (passes/fuse_epilogues.py).
     deterministic      outputs reproducible across processes, not only across calls: every kernel already reduces
                        split-K partials in a fixed order (no atomics), and this also makes the kernel choice
                        independent of timings (the untuned defaults: dense where the dense weight is kept, else
@@ -68,6 +71,7 @@ class FlashLLMOptions:
     release_dense_weights: bool = False
     fuse_siblings: bool = True
     slice_structured_zeros: bool = True
+    fuse_epilogues: bool = True
     deterministic: bool = False
     mode: str | None = None
     inductor_config: dict[str, Any] = field(default_factory=dict)

@@ -24,6 +24,7 @@ class LinearDecision:
     op_shape: tuple[int, int] | None = None
     op_density: float | None = None
     group: str = ""
+    epilogue: str = ""  # pointwise ops folded into that op (passes/fuse_epilogues.py), e.g. "+silu*up +residual"
 
 
 _RECORDERS: list[list[LinearDecision]] = []
@@ -37,7 +38,8 @@ def record_decisions():
     try:
         yield decisions
     finally:
-        _RECORDERS.remove(decisions)
+        # by identity: list.remove compares by ==, and a nested recorder (the backend's own) holds equal lists
+        del _RECORDERS[next(i for i, r in enumerate(_RECORDERS) if r is decisions)]
 
 
 def publish(decision: LinearDecision) -> None:
@@ -45,11 +47,20 @@ def publish(decision: LinearDecision) -> None:
         recorder.append(decision)
 
 
+def note_epilogues(decisions: list[LinearDecision], folded: dict[str, str]) -> None:
+    """Set `epilogue` on the decisions of one compile from fuse_epilogues' {op name: folded}.  In place: the same
+    objects were published to every recorder."""
+    for d in decisions:
+        d.epilogue = folded.get(d.group or d.name, "") if d.rewritten else ""
+
+
 def _result(d: LinearDecision) -> str:
-    """"sparse_linear", "sparse_linear [NxK]" when run inside a fused / sliced op of that shape, or "dense: why"."""
+    """"sparse_linear", "sparse_linear [NxK]" when run inside a fused / sliced op of that shape, or "dense: why";
+    then the folded epilogue, e.g. "sparse_linear [256x64] +silu*up"."""
     if not d.rewritten:
         return "dense: " + d.reason
-    return f"sparse_linear [{d.op_shape[0]}x{d.op_shape[1]}]" if d.op_shape else "sparse_linear"
+    op = f"sparse_linear [{d.op_shape[0]}x{d.op_shape[1]}]" if d.op_shape else "sparse_linear"
+    return f"{op} {d.epilogue}" if d.epilogue else op
 
 
 def decision_table(decisions: list[LinearDecision], kernels: dict[str, str] | None = None) -> str:

@@ -66,9 +66,12 @@ def test_llama_decode_m_1_to_64_one_recompile():
                      "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.{q_proj,k_proj,v_proj}"]
     assert all(isinstance(meta_val(n).shape[0], torch.SymInt) for n in op_nodes(graph))  # symbolic M
     graphs = counters["flashllm"]["skip_too_dense"]  # the unpruned lm_head, once per compiled graph
+    # epilogues: gate/up's SwiGLU and o_proj's residual (down_proj is sliced: its output is scattered first)
     assert dict(counters["flashllm"]) == {"linear_found": 8 * graphs, "rewritten": 7 * graphs,
                                           "skip_too_dense": graphs, "fused_siblings": 2 * graphs,
-                                          "fused_linears": 5 * graphs, "sliced_rows": graphs}
+                                          "fused_linears": 5 * graphs, "sliced_rows": graphs,
+                                          "fused_epilogues": 2 * graphs, "epilogue_glu": graphs,
+                                          "epilogue_residual": graphs}
 
 
 class Block(nn.Module):

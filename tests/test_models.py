@@ -54,10 +54,19 @@ FUSED = {"llama": [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")], "o
          "gpt2": []}
 
 
+# pointwise ops folded into the ops per layer (passes/fuse_epilogues.py): Llama's SwiGLU and both residual adds,
+# OPT's fc1 relu (its residual adds follow a dropout; GPT-2's gelu_new is spelled out with tanh: neither folds)
+EPILOGUES = {"llama": {"epilogue_glu": 1, "epilogue_residual": 2}, "opt": {"epilogue_act": 1}, "gpt2": {}}
+
+
 def fusion_counters(name: str, graphs: int = 1) -> dict[str, int]:
-    groups = FUSED[name]
-    return {"fused_siblings": graphs * LAYERS * len(groups),
-            "fused_linears": graphs * LAYERS * sum(map(len, groups))} if groups else {}
+    """The sibling-fusion and epilogue counters of `graphs` compiled graphs of model `name`."""
+    groups, folds = FUSED[name], EPILOGUES[name]
+    siblings = {"fused_siblings": graphs * LAYERS * len(groups),
+                "fused_linears": graphs * LAYERS * sum(map(len, groups))} if groups else {}
+    epilogues = {"fused_epilogues": graphs * LAYERS * sum(folds.values()),  # each fold on its own op here
+                 **{k: graphs * LAYERS * v for k, v in folds.items()}} if folds else {}
+    return {**siblings, **epilogues}
 
 
 def op_calls(name: str) -> int:
