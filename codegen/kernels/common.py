@@ -24,7 +24,7 @@ class TileConfig(NamedTuple):
     split_k: int  # programs sharing one row block along K; partial sums reduced in fp32 afterwards
     num_warps: int
     num_stages: int
-    segments: int = 1  # rowwalk: K-segments per program (lanes = block_n * segments)
+    segments: int = 1  # rowwalk: lanes per row in a program, each walking one equal share of the row
 
     def short(self) -> str:
         seg = f",seg={self.segments}" if self.family == "rowwalk" else ""
