@@ -42,8 +42,10 @@ class FlashLLMOptions:
                        is kept, else a default sparse tile config.
     cache_dir          where autotune results are stored (default $FLASHLLM_CACHE_DIR or ~/.cache/flashllm_compile).
     chunk_k            columns per chunk of the bitmap format (multiple of 32).
-    release_dense_weights  do not keep the dense weight in the compiled graph (no dense fallback; the sparse
-                       kernel runs for every M). See `flashllm_compile.sparsify_` to also free the parameters.
+    release_dense_weights  the compiled graph keeps no dense weight of its own (no transposed / concatenated /
+                       sliced copies, no frozen constants).  Where the module's parameter is a graph input anyway
+                       (default Dynamo), the op still receives it, to refuse a replaced parameter and to run cuBLAS
+                       on it in place where that is faster.  `flashllm_compile.sparsify_` frees the parameters.
     fuse_siblings      fuse rewritten linears that read the same input (LLaMA q/k/v, gate/up) into one sparse_linear
                        on their concatenated weight, outputs split as views (passes/fuse_sibling_linears.py).
     slice_structured_zeros  compute only the nonzero rows / columns of a rewritten weight that has all-zero rows /

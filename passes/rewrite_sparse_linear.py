@@ -87,12 +87,17 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOption
                 for key in ("val", "example_value"):
                     if key in match.weight_node.meta:
                         dense.meta[key] = match.weight_node.meta[key].t()
-        op, extra = torch.ops.flashllm.sparse_linear.default, ()
+        op, extra, kwargs = torch.ops.flashllm.sparse_linear.default, (), {"runtime": options.runtime_spec()}
         if match.dtensor is not None:  # tensor parallelism: the op on this rank's shard, DTensor in and out
             op, extra = sparse_linear_dtensor, (match.dtensor,)
+        elif dense is None and match.weight_node.op == "placeholder":
+            # No dense operand, but the parameter is a graph input anyway (no extra memory): pass it so the op can
+            # still see a replaced parameter (identity check) and run cuBLAS on it in place where faster.  Not for
+            # get_attr weights (Inductor freezing), whose constants would then stay alive.
+            kwargs["weights"] = [match.weight_node]
         new = graph.call_function(op, (
             match.x, *tensor_nodes, match.bias, dense, fmt.n, fmt.k, fmt.chunk_k, options.kernel.value,
-            match.name, watch_weight(match.weight), *extra), {"runtime": options.runtime_spec()})
+            match.name, watch_weight(match.weight), *extra), kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace", "nn_module_stack",
                                                                  "source_fn_stack", "tensor_meta")})
     _replace_node(graph, node, new)

@@ -553,15 +553,16 @@ def test_write_through_data_is_not_detected():
         close(compiled(x), dense_ref(model, x))
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: with release_dense_weights the op gets no weight to compare "
-                                       "(needs the rewrite pass to pass the weight; README 'Bad inputs')")
-def test_replaced_weight_with_release_dense_weights_is_not_detected():
+def test_replaced_weight_with_release_dense_weights_raises():
+    """With release_dense_weights the op gets no dense operand, but still the parameter (a graph input anyway) for
+    the identity check: a replaced parameter is refused, not computed with the old compressed weight."""
     model = Net()
     x = torch.randn(4, K)
     with torch.no_grad():
         compiled, _ = compile_run(model, x, release_dense_weights=True)
         _replace(model, "parameter")
-        close(compiled(x), dense_ref(model, x))
+        with pytest.raises(RuntimeError, match=rf"'{LAYER}' got another weight tensor"):
+            compiled(x)
 
 
 def test_one_compiled_graph_reused_for_another_instance_raises():
