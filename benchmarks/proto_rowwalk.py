@@ -186,11 +186,12 @@ def _proto_kernel(
     tl.store(out_ptr + pid_s * stride_os + toks[None, :] * N + row_ids[:, None], out, mask=out_mask)
 
 
-def bal_asm(block_m: int, unroll: int) -> str:
+def bal_asm(block_m: int, unroll: int, hint: str = "", xf32: bool = False) -> str:
     """PTX walk of exactly `cnt` nonzeros. Operands: $0..$(BM-1) fp32 sums, then w (u32: the lane's first word,
     bits before its first nonzero cleared), wb (u64: address of the row's word 0), vp (u64: its first value),
-    xb (u64: xt, fp16 [K, BM]), wi (u32: index of the first word), wend (u32: the row's word count), cnt (u32)."""
-    xb = 2 * block_m
+    xb (u64: xt, fp16 [K, BM], or fp32 with xf32), wi (u32: index of the first word), wend (u32: the row's word
+    count), cnt (u32)."""
+    xb = (4 if xf32 else 2) * block_m
     nx32 = max(1, xb // 4)
     a = block_m
     o = ["{", ".reg .pred %pa, %pn, %pc;", f".reg .pred %pu<{unroll}>;",
@@ -211,12 +212,19 @@ def bal_asm(block_m: int, unroll: int) -> str:
     for u in range(unroll):
         o += [f"setp.ne.b32 %pu{u}, %w, 0;", f"setp.gt.and.s32 %pu{u}, %cnt, 0, %pu{u};",
               "neg.s32 %low, %w;", "and.b32 %low, %low, %w;", "bfind.u32 %j, %low;", "xor.b32 %w, %w, %low;",
-              f"@%pu{u} ld.global.nc.b16 %hv{u}, [%vp];",
+              f"@%pu{u} ld.global.nc{hint}.b16 %hv{u}, [%vp];",
               f"@%pu{u} add.s64 %vp, %vp, 2;",
               f"@%pu{u} add.s32 %cnt, %cnt, -1;",
               "mad.lo.u32 %jj, %wi, 32, %j;",
               f"mad.wide.u32 %xa, %jj, {xb}, %xb;"]
-        if block_m == 1:
+        if xf32:
+            for q in range(0, block_m, 4):
+                n = min(4, block_m - q)
+                regs = ", ".join(f"%xf{u * block_m + q + i}" for i in range(n))
+                width = {1: "f32", 2: "v2.f32", 4: "v4.f32"}[n]
+                o.append(f"@%pu{u} ld.global.nc.{width} {{{regs}}}, [%xa+{4 * q}];" if n > 1 else
+                         f"@%pu{u} ld.global.nc.f32 {regs}, [%xa];")
+        elif block_m == 1:
             o.append(f"@%pu{u} ld.global.nc.b16 %xh{u * 2}, [%xa];")
         elif block_m == 2:
             o.append(f"@%pu{u} ld.global.nc.b32 %xw{u * nx32}, [%xa];")
@@ -229,16 +237,17 @@ def bal_asm(block_m: int, unroll: int) -> str:
               "@%pa mov.b32 %w, %wn;", "@%pa add.s32 %wi, %wi, 1;",
               "setp.lt.and.s32 %pn, %wi, %wlast, %pa;",
               "mad.wide.u32 %wa, %wi, 4, %wb;",
-              "@%pn ld.global.nc.b32 %wn, [%wa+4];"]
+              f"@%pn ld.global.nc{hint}.b32 %wn, [%wa+4];"]
     for u in range(unroll):
         o.append(f"cvt.f32.f16 %fv{u}, %hv{u};")
-        if block_m > 1:
+        if block_m > 1 and not xf32:
             o += [f"mov.b32 {{%xh{u * block_m + 2 * i}, %xh{u * block_m + 2 * i + 1}}}, %xw{u * nx32 + i};"
                   for i in range(nx32)]
         for t in range(block_m):
-            h = f"%xh{u * 2}" if block_m == 1 else f"%xh{u * block_m + t}"
-            o += [f"cvt.f32.f16 %xf{u * block_m + t}, {h};",
-                  f"@%pu{u} fma.rn.f32 ${t}, %fv{u}, %xf{u * block_m + t}, ${t};"]
+            if not xf32:
+                h = f"%xh{u * 2}" if block_m == 1 else f"%xh{u * block_m + t}"
+                o.append(f"cvt.f32.f16 %xf{u * block_m + t}, {h};")
+            o.append(f"@%pu{u} fma.rn.f32 ${t}, %fv{u}, %xf{u * block_m + t}, ${t};")
     o += ["setp.gt.s32 %pc, %cnt, 0;", "@%pc bra LOOP;", "DONE:", "}"]
     return "\n".join(o)
 
@@ -364,10 +373,10 @@ def _bal_kernel(
     tl.store(out_ptr + toks[None, :] * N + row_ids[:, None], out, mask=out_mask)
 
 
-def run_bal(xt, fmt, m, block_n, segments, ptx, unroll, out):
-    """Balanced walk: xt fp16 [K, BLOCK_M] -> out [M, N] (x's dtype)."""
+def run_bal(xt, fmt, m, block_n, segments, ptx, unroll, out, hint=""):
+    """Balanced walk: xt fp16 (or fp32 for the PTX walk) [K, BLOCK_M] -> out [M, N] (x's dtype)."""
     block_m = xt.numel() // fmt.k
-    asm = bal_asm(block_m, unroll) if ptx else ""
+    asm = bal_asm(block_m, unroll, hint, xt.dtype == torch.float32) if ptx else ""
     _bal_kernel[(triton.cdiv(fmt.n, block_n),)](
         xt, fmt.bitmap, fmt.offsets, fmt.values, out, m, fmt.n, fmt.bitmap.shape[1], fmt.num_chunks,
         CHUNK_STEPS=max(1, (fmt.num_chunks - 1).bit_length()), CHUNK_K=fmt.chunk_k, BLOCK_N=block_n,
@@ -458,7 +467,7 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     configs = [(32, 8), (32, 16), (64, 8)]
-    bal_configs = [(32, 16), (32, 32), (16, 32), (64, 8), (64, 16), (128, 8)]
+    bal_configs = [(32, 16), (32, 32), (16, 32), (16, 64), (64, 16)]
     for shape, sp in itertools.product(args.shapes, args.sparsity):
         n, k = SHAPES[shape]
         dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(ROTATIONS)]
@@ -480,8 +489,10 @@ def main() -> None:
                 if bal:
                     outs = [torch.full((m, n), float("nan"), device="cuda", dtype=x.dtype) for _ in dense]
 
-                    def call(f, i, o, bn=bn, sg=sg, ptx=ptx, un=un):
-                        return run_bal(xts[False], f, m, bn, sg, ptx, un, o)
+                    hint = {"ptxbal128": ".L2::128B", "ptxbal256": ".L2::256B"}.get(variant, "")
+
+                    def call(f, i, o, bn=bn, sg=sg, ptx=ptx, un=un, hint=hint):
+                        return run_bal(xts[variant == "ptxbal_x32"], f, m, bn, sg, ptx, un, o, hint)
                 else:
                     outs = [torch.full((sk, m, n), float("nan"), device="cuda") for _ in dense]
 
