@@ -7,6 +7,8 @@ tile, and the output epilogue every kernel family ends with.
 import triton
 import triton.language as tl
 
+from flashllm_compile.codegen.kernels.epilogue import apply_act
+
 
 @triton.jit
 def popcount(words, HW_POPC: tl.constexpr):
@@ -53,15 +55,20 @@ def decode_bitmap_tile(
 
 
 @triton.jit
-def store_output(out_ptr, bias_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os,
-                 HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr):
-    """acc: fp32 [BLOCK_N, BLOCK_M] for weight rows `rows` and tokens `toks` -> out[toks, rows] (+ bias) in the
-    output dtype; with PARTIALS (split-K) the fp32 partial sums go to out[pid_s, toks, rows] instead."""
+def store_output(out_ptr, bias_ptr, res_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os,
+                 HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """acc: fp32 [BLOCK_N, BLOCK_M] for weight rows `rows` and tokens `toks` -> out[toks, rows] =
+    act(acc + bias) + res[toks, rows] in the output dtype (res: [M, N], row stride stride_om); with PARTIALS
+    (split-K, or a GLU epilogue) the fp32 partial sums go to out[pid_s, toks, rows] instead, and the epilogue
+    kernel finishes them (codegen/kernels/epilogue.py)."""
     out_mask = (rows[:, None] < N) & (toks[None, :] < M)
     out_offs = pid_s * stride_os + toks[None, :] * stride_om + rows[:, None]
     if not PARTIALS:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        acc = apply_act(acc, ACT)
+        if HAS_RESIDUAL:
+            acc += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptr + out_offs, acc, mask=out_mask)

@@ -28,11 +28,12 @@ def get_bitmap_mma_configs(m: int) -> list[TileConfig]:
 @triton.jit
 def _bitmap_mma_kernel(
     # pointers
-    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, out_ptr,
+    x_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, res_ptr, out_ptr,
     # sizes and strides
     M, N, K, stride_xm, stride_om, stride_os, chunks_per_split, num_chunks,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, CHUNK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    CHUNK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HW_POPC: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]); program (pid_n, pid_s, pid_m) covers rows
@@ -58,7 +59,8 @@ def _bitmap_mma_kernel(
             acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(w, xt)
-    store_output(out_ptr, bias_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS)
+    store_output(out_ptr, bias_ptr, res_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS,
+                 ACT, HAS_RESIDUAL)
 
 
 def bitmap_mma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig,

@@ -32,6 +32,7 @@ from flashllm_compile.codegen.kernels.common import (
     TileConfig,
     check_launch,
     finish_split_k,
+    in_kernel_epilogue,
     interpreting,
     split_k_output,
 )
@@ -141,11 +142,12 @@ def _ptx_walk(w, row_words, values_ptr, xt_ptr, v_lo, wi, KW, cnt, ASM: tl.const
 @triton.jit
 def _bitmap_rowwalk_kernel(
     # pointers
-    xt_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, out_ptr,
+    xt_ptr, bitmap_ptr, offsets_ptr, values_ptr, bias_ptr, res_ptr, out_ptr,
     # sizes and strides
     M, N, KW, stride_om, stride_os, num_chunks,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, CHUNK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    CHUNK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SEGMENTS: tl.constexpr, HW_POPC: tl.constexpr,
     ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
 ):
@@ -180,7 +182,8 @@ def _bitmap_rowwalk_kernel(
             out = tl.sum(acc, axis=0)[:, None]  # [BLOCK_N, 1]
         else:
             out = tl.sum(acc, axis=0)  # [BLOCK_N, BLOCK_M]
-    store_output(out_ptr, bias_ptr, out, row_ids, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS)
+    store_output(out_ptr, bias_ptr, res_ptr, out, row_ids, toks, pid_s, M, N, stride_om, stride_os, HAS_BIAS,
+                 PARTIALS, ACT, HAS_RESIDUAL)
 
 
 def transpose_tokens(x: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -207,10 +210,12 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
     dtype = str(x.dtype).removeprefix("torch.")
     use_ptx = dtype in PTX_TYPES and not interpreting()
     grid = (triton.cdiv(fmt.n, config.block_n), split_k)
+    act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
     _bitmap_rowwalk_kernel[grid](
-        xt, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
+        xt, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,
+        residual if residual is not None else x, out,
         m, fmt.n, fmt.bitmap.shape[1], fmt.n, m * fmt.n, fmt.num_chunks,
-        HAS_BIAS=bias is not None, PARTIALS=partials, CHUNK_K=fmt.chunk_k,
+        HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None, CHUNK_K=fmt.chunk_k,
         CHUNK_STEPS=max(1, (fmt.num_chunks - 1).bit_length()), BLOCK_N=config.block_n, BLOCK_M=config.block_m,
         SEGMENTS=config.segments, HW_POPC=not interpreting(),
         ASM=rowwalk_ptx(config.block_m, dtype) if use_ptx else "",

@@ -60,10 +60,11 @@ def split_k_plan(fmt: BitmapWeight, split_k: int) -> tuple[int, int]:
 
 def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig,
                    epilogue: Epilogue | None = None) -> tuple[torch.Tensor, int, int]:
-    """(out, chunks per split, splits): out is [M, N] in x's dtype, or fp32 [S, M, N] partials for split-K and
-    whenever there is an epilogue (S = 1 then: the epilogue kernel applies act / residual in fp32)."""
+    """(out, chunks per split, splits): out is [M, N] in x's dtype, or fp32 [S, M, N] partials for split-K and for a
+    GLU epilogue (S = 1 then: a row block holds gate or up rows, not both).  Without partials the kernel applies
+    bias, act and residual itself (`store_output`)."""
     chunks_per_split, split_k = split_k_plan(fmt, config.split_k)
-    partials = split_k > 1 or epilogue is not None
+    partials = split_k > 1 or (epilogue is not None and epilogue.glu)
     shape = (split_k, x.shape[0], fmt.n) if partials else (x.shape[0], fmt.n)
     out = torch.empty(shape, device=x.device, dtype=torch.float32 if partials else x.dtype)
     return out, chunks_per_split, split_k
@@ -82,14 +83,27 @@ def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch
     if m == 0:
         return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
     grid = (triton.cdiv(fmt.n, config.block_n), split_k, grid_m)
+    act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
     kernel[grid](
-        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x, out,
+        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,
+        residual if residual is not None else x, out,
         m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
-        HAS_BIAS=bias is not None, PARTIALS=partials, CHUNK_K=fmt.chunk_k,
+        HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None, CHUNK_K=fmt.chunk_k,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages, **meta,
     )
     return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
+
+
+def in_kernel_epilogue(epilogue: Epilogue | None, partials: bool, m: int, n: int) -> tuple[int, torch.Tensor | None]:
+    """(ACT code, residual [M, N] contiguous or None) for a kernel that writes its output itself (no partials);
+    with partials the epilogue kernel applies them afterwards, so the main kernel gets none."""
+    if partials or epilogue is None:
+        return 0, None
+    residual = epilogue.residual
+    if residual is not None and residual.shape != (m, n):
+        raise ValueError(f"residual must be [{m}, {n}], got {tuple(residual.shape)}")
+    return epilogue.act_code, residual.contiguous() if residual is not None else None
 
 
 def finish_split_k(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,

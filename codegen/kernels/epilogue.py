@@ -22,6 +22,20 @@ def get_epilogue_config(numel: int) -> tuple[int, int]:
 
 
 @triton.jit
+def apply_act(y, ACT: tl.constexpr):
+    """y (fp32) -> act(y).  ACT: 0 none, 1 silu, 2 gelu (erf), 3 gelu (tanh), 4 relu (epilogue_spec.ACTIVATIONS)."""
+    if ACT == 1:  # silu
+        y = y * tl.sigmoid(y)
+    elif ACT == 2:  # gelu, exact
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    elif ACT == 3:  # gelu, tanh approximation: 0.5 (1 + tanh(z)) = sigmoid(2 z)
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+    elif ACT == 4:  # relu; NaN stays NaN (tl.maximum would drop it)
+        y = tl.where(y < 0.0, 0.0, y)
+    return y
+
+
+@triton.jit
 def _epilogue_kernel(
     # pointers
     in_ptr, bias_ptr, res_ptr, out_ptr,
@@ -50,14 +64,7 @@ def _epilogue_kernel(
         y += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
         if GLU:
             up += tl.load(bias_ptr + n + N_OUT, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 1:  # silu
-        y = y * tl.sigmoid(y)
-    elif ACT == 2:  # gelu, exact
-        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
-    elif ACT == 3:  # gelu, tanh approximation: 0.5 (1 + tanh(z)) = sigmoid(2 z)
-        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
-    elif ACT == 4:  # relu; NaN stays NaN (tl.maximum would drop it)
-        y = tl.where(y < 0.0, 0.0, y)
+    y = apply_act(y, ACT)
     if GLU:
         y = y * up
     if HAS_RESIDUAL:
