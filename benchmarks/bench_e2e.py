@@ -248,11 +248,22 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
     return row
 
 
+def variant_label(variant: dict) -> str:
+    """'flashllm' + the variant's options, e.g. flashllm{fuse_epilogues=0}."""
+    return "flashllm{" + ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in variant.items()) + "}"
+
+
 def bench_point(model, orig_forward, ids: torch.Tensor, new_tokens: int, mode: str | None,
-                cold_cache_dir: str | None = None, flashllm_options: dict | None = None) -> list[dict]:
-    """All configurations at one (sparsity, batch) point, with speedup and token match vs inductor."""
+                cold_cache_dir: str | None = None, flashllm_options: dict | None = None,
+                variants: list[dict] = ()) -> list[dict]:
+    """All configurations at one (sparsity, batch) point, with speedup and token match vs inductor; each of
+    `variants` (options on top of flashllm_options) adds one more flashllm row, e.g. a pass turned off."""
     results = {c: bench_config(model, orig_forward, c, ids, new_tokens, mode, cold_cache_dir, flashllm_options)
                for c in CONFIGS}
+    for variant in variants:
+        row = bench_config(model, orig_forward, "flashllm", ids, new_tokens, mode, cold_cache_dir,
+                           {**(flashllm_options or {}), **variant})
+        results[variant_label(variant)] = {**row, "config": variant_label(variant)}
     ref = results["inductor"]
     for config, row in results.items():
         row["speedup_vs_inductor"] = None
@@ -266,7 +277,7 @@ def bench_point(model, orig_forward, ids: torch.Tensor, new_tokens: int, mode: s
 
 def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens: int, device: str = "cuda",
         dtype: torch.dtype = torch.float16, mode: str | None = "reduce-overhead", cold_cache_dir: str | None = None,
-        on_point=None, flashllm_options: dict | None = None) -> list[dict]:
+        on_point=None, flashllm_options: dict | None = None, variants: list[dict] = ()) -> list[dict]:
     """The whole benchmark; returns the CSV rows.  `on_point(rows)` is called after every point."""
     from flashllm_compile.prune import magnitude_prune_
 
@@ -288,7 +299,8 @@ def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens:
         for batch in batches:
             generator = torch.Generator().manual_seed(1000 + batch)  # the same prompt for every config/sparsity
             ids = torch.randint(0, dims["vocab"], (batch, prompt_len), generator=generator).to(device)
-            for row in bench_point(model, orig_forward, ids, new_tokens, mode, cold_cache_dir, flashllm_options):
+            for row in bench_point(model, orig_forward, ids, new_tokens, mode, cold_cache_dir, flashllm_options,
+                                   variants):
                 row.pop("_tokens")
                 rows.append({**info, "arch": arch, "layers": dims["layers"], "sparsity": sparsity, "batch": batch,
                              **row, "flashllm_options": json.dumps(flashllm_options) if flashllm_options else ""})
@@ -385,6 +397,9 @@ def main() -> None:
     parser.add_argument("--flashllm-options", type=json.loads, default=None, metavar="JSON",
                         help="backend options of the flashllm configuration, e.g. '{\"fuse_epilogues\": false}' "
                         "(FlashLLMOptions fields; default: none, the backend's defaults)")
+    parser.add_argument("--variants", type=json.loads, nargs="*", default=[], metavar="JSON",
+                        help="extra flashllm rows, one per JSON object of options, e.g. '{\"fuse_epilogues\": false}'"
+                             " '{\"deterministic\": true}': each pass / mode measured against the default")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"),
                         help="output folder (default: $OUT, else benchmarks/out; now %(default)s)")
     args = parser.parse_args()
@@ -423,7 +438,7 @@ def main() -> None:
     rows = run(args.arch, dims, args.sparsity, args.batch, args.prompt_len, args.new_tokens,
                mode=None if args.mode == "default" else args.mode, cold_cache_dir=cold_cache_dir,
                on_point=lambda rows: write_csv(rows, csv_path),  # rewritten after every point: partial runs count
-               flashllm_options=args.flashllm_options)
+               flashllm_options=args.flashllm_options, variants=args.variants)
     write_csv(rows, csv_path)
     try:
         plot(rows, png_path)
