@@ -10,7 +10,7 @@ and magnitude-pruned (every linear but lm_head) to each --sparsity in increasing
 a random prompt of --prompt-len tokens is decoded greedily for exactly --new-tokens tokens with
 `model.generate(..., cache_implementation="static")` under three configurations:
 
-  eager     the plain model: one warm-up generate, one timed generate
+  eager     the plain model: one warm-up generate, TIMED_RUNS timed generates (median)
   inductor  generate(..., compile_config=CompileConfig(backend="inductor", mode="reduce-overhead"))
   flashllm  generate(..., compile_config=CompileConfig(backend="flashllm", mode="reduce-overhead"))
             (transformers compiles the decode step, CUDA graphs included; the prefill runs eager)
@@ -21,9 +21,9 @@ flashllm_options column.  (torch.compile refuses mode= together with options=, s
 backend's own "mode" option.)
 
 For the compiled configurations the first generate is timed as compile_s (tracing, Inductor, CUDA-graph
-recording and flashllm autotuning), a second one warms up, a third is timed.  Dynamo is reset between
-configurations, so every point compiles afresh; by default Inductor's on-disk caches and the flashllm autotune
-cache stay on, so later points may compile faster (--cold-compile turns them off).
+recording and flashllm autotuning), a second one warms up, then TIMED_RUNS more are timed (median).
+Dynamo is reset between configurations, so every point compiles afresh; by default Inductor's on-disk caches
+and the flashllm autotune cache stay on, so later points may compile faster (--cold-compile turns them off).
 
 Output (--out, default $OUT or benchmarks/out): bench_e2e.csv (one row per sparsity x batch x config),
 bench_e2e.png (tokens/s against batch, one panel per sparsity) and a table printed last.  Columns:
@@ -56,6 +56,7 @@ import csv
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +70,7 @@ ARCHS = {
     "opt": {"hidden": 4096, "intermediate": 16384, "layers": 32, "heads": 32, "vocab": 50272, "max_pos": 2048},
 }
 CONFIGS = ("eager", "inductor", "flashllm")
+TIMED_RUNS = 3  # timed generates per configuration; tokens/s uses their median (one run varied by ~10%)
 COLUMNS = ["gpu", "torch", "triton", "arch", "layers", "sparsity", "batch", "config", "tokens_per_s",
            "speedup_vs_inductor", "compile_s", "weight_mem_gb", "weight_mem_if_released_gb", "peak_mem_gb",
            "token_match", "kernel_hits", "error", "flashllm_options"]
@@ -218,7 +220,8 @@ def bench_config(model, orig_forward, config: str, ids: torch.Tensor, new_tokens
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         hits_before = collections.Counter(ops.KERNEL_HITS)
-        tokens, seconds = timed_generate(model, ids, new_tokens, compile_config)
+        runs = [timed_generate(model, ids, new_tokens, compile_config) for _ in range(TIMED_RUNS)]
+        tokens, seconds = runs[0][0], statistics.median(t for _, t in runs)
         hits_timed = collections.Counter(ops.KERNEL_HITS) - hits_before
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / GB
