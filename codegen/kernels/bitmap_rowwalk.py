@@ -42,13 +42,16 @@ ROWWALK_MAX_M = 8
 
 
 def get_bitmap_rowwalk_configs(m: int) -> list[TileConfig]:
-    """Tuning space for M <= ROWWALK_MAX_M: BLOCK_N rows x SEGMENTS shares = lanes (one per thread), x split_k."""
+    """Tuning space for M <= ROWWALK_MAX_M: BLOCK_N rows x SEGMENTS shares = lanes (one per thread), x split_k.
+    A split covers a contiguous K range of its rows (its shares), so split-K also shrinks the part of x a program
+    gathers from: that matters for long rows (K = 28672 / 36864), whose x overflows L1."""
     if m > ROWWALK_MAX_M:
         return []
     block_m = triton.next_power_of_2(max(m, 1))
     return [
         TileConfig("rowwalk", block_n, block_m, split_k, block_n * segments // 32, 1, segments)
-        for block_n, segments, split_k in ((32, 16, 1), (16, 32, 1), (16, 64, 1), (32, 32, 1), (16, 32, 2))
+        for block_n, segments, split_k in ((32, 16, 1), (16, 32, 1), (16, 64, 1), (32, 32, 1), (16, 32, 2),
+                                           (32, 16, 4), (32, 8, 8))
     ]
 
 
