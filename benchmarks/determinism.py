@@ -25,6 +25,23 @@ SHAPES = {"qkv": (12288, 4096), "down": (4096, 11008)}
 CALLS = 100
 
 
+def check(name: str, w: torch.Tensor, fmt: BitmapWeight, m: int) -> str:
+    """One table row: bitwise repeatability of the default config and of cuBLAS, default vs tuned time."""
+    x = torch.randn(m, fmt.k, device="cuda", dtype=torch.float16)
+    config = default_config(m)
+    launch = LAUNCHERS[config.family]
+    first = launch(x, fmt, None, config)
+    same = all(torch.equal(first, launch(x, fmt, None, config)) for _ in range(CALLS))
+    dense_first = torch.nn.functional.linear(x, w)
+    dense_same = all(torch.equal(dense_first, torch.nn.functional.linear(x, w)) for _ in range(CALLS))
+    t_default = bench_us(lambda: launch(x, fmt, None, config))
+    choice = AUTOTUNER.choose(fmt, m, None, allow_dense=False, tune=True,
+                              cache_dir=os.environ.get("FLASHLLM_CACHE_DIR", "/tmp/flashllm_determinism"))
+    t_tuned = bench_us(lambda: LAUNCHERS[choice.family](x, fmt, None, choice.config))
+    return (f"{name:<6} {m:>3} {config.short():<46} {same!s:>12} {dense_same!s:>11} {t_default:>10.1f} "
+            f"{t_tuned:>8.1f} {choice.config.short()}")
+
+
 def main() -> None:
     torch.manual_seed(0)
     print(gpu_info())
@@ -35,19 +52,7 @@ def main() -> None:
         w = w * (torch.rand_like(w, dtype=torch.float32) >= 0.8)
         fmt = BitmapWeight.from_dense(w)
         for m in (1, 8, 16, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            config = default_config(m)
-            launch = LAUNCHERS[config.family]
-            first = launch(x, fmt, None, config)
-            same = all(torch.equal(first, launch(x, fmt, None, config)) for _ in range(CALLS))
-            dense_first = torch.nn.functional.linear(x, w)
-            dense_same = all(torch.equal(dense_first, torch.nn.functional.linear(x, w)) for _ in range(CALLS))
-            t_default = bench_us(lambda: launch(x, fmt, None, config))
-            choice = AUTOTUNER.choose(fmt, m, None, allow_dense=False, tune=True, cache_dir=os.environ.get(
-                "FLASHLLM_CACHE_DIR", "/tmp/flashllm_determinism"))
-            t_tuned = bench_us(lambda: LAUNCHERS[choice.family](x, fmt, None, choice.config))
-            print(f"{name:<6} {m:>3} {config.short():<46} {str(same):>12} {str(dense_same):>11} "
-                  f"{t_default:>10.1f} {t_tuned:>8.1f} {choice.config.short()}", flush=True)
+            print(check(name, w, fmt, m), flush=True)
 
 
 if __name__ == "__main__":
