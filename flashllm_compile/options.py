@@ -49,7 +49,11 @@ class FlashLLMOptions:
     fuse_siblings      fuse rewritten linears that read the same input (LLaMA q/k/v, gate/up) into one sparse_linear
                        on their concatenated weight, outputs split as views (passes/fuse_sibling_linears.py).
     slice_structured_zeros  compute only the nonzero rows / columns of a rewritten weight that has all-zero rows /
-                       columns, and scatter the output back; exact (passes/slice_structured_zeros.py).
+                       columns, and scatter the output back (passes/slice_structured_zeros.py); also drop the columns
+                       whose input features are exact zeros made by an upstream linear's all-zero rows (zero bias)
+                       through zero-preserving ops, e.g. down_proj's columns at gate_proj's zero rows in
+                       silu(gate) * up (passes/propagate_structured_zeros.py).  Exact for finite activations (dense
+                       math turns 0 * Inf into NaN, a dropped term does not).
                        A fused op's dense fallback runs one GEMM per member weight in place; a sliced op's (and HF
                        Conv1D siblings') dense weight is built in the graph on every call (index_select / torch.cat
                        of the parameters), which release_dense_weights=True avoids.

@@ -42,7 +42,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
 from flashllm_compile.codegen.epilogue_spec import GLU_SUFFIX
-from flashllm_compile.passes.fx_meta import meta_val
+from flashllm_compile.passes.fx_meta import may_mutate, meta_val
 
 log = logging.getLogger("flashllm_compile")
 # the rewritten ops, and those a sparsify_'d model (SparseLinear) calls itself through the packet
@@ -53,7 +53,6 @@ ACT_METHODS = {"relu": "relu"}
 GELU_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
 MUL_FUNCTIONS, ADD_FUNCTIONS = {operator.mul, torch.mul}, {operator.add, torch.add}
 SPLIT_FUNCTIONS, SPLIT_METHODS = {torch.split: "split", torch.chunk: "chunk"}, {"split", "chunk"}
-INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 @dataclass
@@ -153,16 +152,6 @@ def _match_act(op: fx.Node) -> tuple[Fold | None, str | None]:
     return Fold("act", node, [node], act), None
 
 
-def _mutates(node: fx.Node) -> bool:
-    """Could `node` write to a tensor in place (conservative: in-place names, out=, setitem)?"""
-    if node.op not in ("call_function", "call_method"):
-        return False
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or node.target in INPLACE_OPERATORS or "out" in node.kwargs
-
-
 def _match_residual(op: fx.Node, tail: fx.Node, order: dict[fx.Node, int],
                     nodes: list[fx.Node]) -> tuple[Fold | None, str | None]:
     """tail + r or r + tail, tail = the op's value after the folds so far."""
@@ -179,7 +168,7 @@ def _match_residual(op: fx.Node, tail: fx.Node, order: dict[fx.Node, int],
         return None, "residual_shape"  # broadcasting
     if r.op not in ("placeholder", "get_attr") and order[r] > order[op]:
         return None, "residual_order"
-    if any(_mutates(n) for n in nodes[order[op] + 1:order[add]]):
+    if any(may_mutate(n) for n in nodes[order[op] + 1:order[add]]):
         return None, "mutation"
     return Fold("residual", add, [add], residual=r), None
 

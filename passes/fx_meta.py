@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any
 
+import torch
 import torch.utils._pytree as pytree
 from torch import fx
+
+INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 def meta_val(node: fx.Node) -> Any:
@@ -26,3 +30,14 @@ def call_with_meta(graph: fx.Graph, target, *args: Any, **kwargs: Any) -> fx.Nod
         with fake_modes[0] if fake_modes else contextlib.nullcontext():  # Python scalars become fake tensors too
             node.meta["val"] = node.meta["example_value"] = target(*vals[0], **vals[1])
     return node
+
+
+def may_mutate(node: fx.Node) -> bool:
+    """Could `node` write to a tensor in place (conservative: in-place names, out=, inplace=True, setitem)?"""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return ((name.endswith("_") and not name.endswith("__")) or node.target in INPLACE_OPERATORS
+            or "out" in node.kwargs or node.kwargs.get("inplace") is True)

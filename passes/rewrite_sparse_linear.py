@@ -7,7 +7,9 @@ place (Dynamo hands it over; Inductor's own passes edit in place too): a deep co
 `_dynamo_source` of placeholders that AOTAutograd needs to find parameters.
 
 Siblings reading the same input share one op (passes/fuse_sibling_linears.py), and all-zero rows / columns of
-a weight are sliced away (passes/slice_structured_zeros.py); both go through `_rewrite_fused`.
+a weight are sliced away (passes/slice_structured_zeros.py), as are the columns whose input features are exact
+zeros made by an upstream linear's zero rows (passes/propagate_structured_zeros.py, analysed on the graph before
+any rewrite); they all go through `_rewrite_fused`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flashllm_compile.passes.dtensor_linears import local_shard, sparse_linear_d
 from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
 from flashllm_compile.passes.fuse_sibling_linears import concat_operands, find_sibling_groups, fused_name, split_outputs
 from flashllm_compile.passes.fx_meta import call_with_meta, meta_val
+from flashllm_compile.passes.propagate_structured_zeros import ZeroFeatures, zero_input_features
 from flashllm_compile.passes.slice_structured_zeros import (
     StructuredSlice,
     scatter_rows,
@@ -124,15 +127,28 @@ def _needs_dense(match: LinearMatch, options: FlashLLMOptions) -> bool:
         kernel is KernelPreference.DENSE or (kernel is KernelPreference.AUTO and match.weight.is_cuda))
 
 
+def _guards(zeros: ZeroFeatures | None) -> tuple[list[fx.Node], list[torch.Tensor]]:
+    """(graph inputs, tensors) a sliced op checks besides its own weights: the weights and biases of the upstream
+    linears whose zero rows its dropped columns rely on (passes/propagate_structured_zeros.py).  Every tensor is
+    watched for in-place updates; placeholders (parameters the graph receives anyway) are also passed to the op,
+    checked to still be the same tensors (first in the list: the op pairs its watched tensors with them in order);
+    get_attr constants are not (passing them would keep frozen constants alive)."""
+    guards = sorted(zeros.guards if zeros is not None else (), key=lambda g: g[0].op != "placeholder")
+    return [n for n, _ in guards if n.op == "placeholder"], [t for _, t in guards]
+
+
 def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: StructuredSlice | None,
-                   options: FlashLLMOptions, registered: dict[int, tuple[str, ...]]) -> BitmapWeight:
+                   options: FlashLLMOptions, registered: dict[int, tuple[str, ...]],
+                   zeros: ZeroFeatures | None = None) -> BitmapWeight:
     """Replace `members` (siblings reading the same x, passes/fuse_sibling_linears.py; or a single linear) by ONE
-    sparse_linear, on the nonzero rows and columns of their weight when `sliced` (passes/slice_structured_zeros.py):
+    sparse_linear, on the nonzero rows and columns of their weight when `sliced` (passes/slice_structured_zeros.py;
+    with the columns whose inputs are the exact zeros `zeros` when it used them):
 
         x [..., K] -> x[..., cols] [..., K'] -> sparse_linear -> [..., N'] -> scatter rows, + bias -> [..., N]
                    -> split -> one [..., N_i] view per member"""
     first, graph = members[0], gm.graph
     weights = [m.weight for m in members]
+    guard_nodes, guard_tensors = _guards(zeros if sliced is not None and sliced.propagated_cols else None)
     with_dense = _needs_dense(first, options)
     fmt = sliced.fmt if sliced is not None else compress_weights(weights, options.chunk_k, first.transposed)
     parts = dict(zip(("bitmap", "offsets", "values"), fmt.tensors()))
@@ -156,8 +172,8 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: Struc
             dense = slice_dense(graph, dense, get.get("rows"), get.get("cols"))  # [N', K']
         y = call_with_meta(graph, torch.ops.flashllm.sparse_linear.default, x, get["bitmap"], get["offsets"],
                            get["values"], None if scatter else bias, dense, fmt.n, fmt.k, fmt.chunk_k,
-                           options.kernel.value, fused_name(members), watch_weights(weights),
-                           [m.weight_node for m in members], runtime=options.runtime_spec())  # [..., N']
+                           options.kernel.value, fused_name(members), watch_weights([*weights, *guard_tensors]),
+                           [*(m.weight_node for m in members), *guard_nodes], runtime=options.runtime_spec())
         y.meta.update({k: v for k, v in first.node.meta.items() if k in ("stack_trace", "nn_module_stack",
                                                                          "source_fn_stack")})
         if scatter:
@@ -169,12 +185,14 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: Struc
 
 
 def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: FlashLLMOptions,
-                     registered: dict[int, tuple[str, ...]]) -> BitmapWeight:
-    """Rewrite one linear, or a group of fused siblings, slicing structured zeros where the option allows."""
+                     registered: dict[int, tuple[str, ...]], zeros: ZeroFeatures | None = None) -> BitmapWeight:
+    """Rewrite one linear, or a group of fused siblings, slicing structured zeros where the option allows;
+    `zeros`: the exact-zero features of their shared input x (passes/propagate_structured_zeros.py)."""
     first = members[0]
     sliced = None
     if options.slice_structured_zeros and getattr(first, "dtensor", None) is None:
-        sliced = structured_slice([m.weight for m in members], options.chunk_k, first.transposed)
+        sliced = structured_slice([m.weight for m in members], options.chunk_k, first.transposed,
+                                  zeros.mask if zeros is not None else None)
     if len(members) == 1 and sliced is None:
         return _rewrite_one(gm, first, options, registered)
     name = fused_name(members)
@@ -183,12 +201,18 @@ def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: Fl
         counters["flashllm"]["fused_linears"] += len(members)
         log.info("flashllm: %s fused into one sparse_linear", name)
     if sliced is not None:
-        for axis, what, zeros, total in (("rows", "rows", sliced.zero_rows, sliced.n),
-                                         ("cols", "columns", sliced.zero_cols, sliced.k)):
-            if zeros:
+        for axis, what, count, own, total in (
+                ("rows", "rows", sliced.zero_rows, sliced.zero_rows, sliced.n),
+                ("cols", "columns", sliced.zero_cols, sliced.zero_cols - sliced.propagated_cols, sliced.k)):
+            if count:
                 counters["flashllm"][f"sliced_{axis}"] += 1
-                log.info("flashllm: %s: %d of %d %s all-zero, sliced away", name, zeros, total, what)
-    return _rewrite_fused(gm, members, sliced, options, registered)
+            if own:
+                log.info("flashllm: %s: %d of %d %s all-zero, sliced away", name, own, total, what)
+        if sliced.propagated_cols:
+            counters["flashllm"]["propagated_cols"] += 1
+            log.info("flashllm: %s: %d of %d input columns only multiply exact zeros (zero rows of %s), sliced away",
+                     name, sliced.propagated_cols, sliced.k, ", ".join(p.name for p in zeros.producers))
+    return _rewrite_fused(gm, members, sliced, options, registered, zeros)
 
 
 def _compressed_bytes(fmt: BitmapWeight, members: list[LinearMatch], match: LinearMatch) -> int:
@@ -229,13 +253,17 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
 
     Counters: counters["flashllm"]["linear_found"], ["rewritten"], ["skip_<reason>"]; with the options
     fuse_siblings / slice_structured_zeros also ["fused_siblings"] (groups), ["fused_linears"] (linears in them),
-    ["sliced_rows"] / ["sliced_cols"] (sparse_linear calls computing only the nonzero rows / columns).  With many
+    ["sliced_rows"] / ["sliced_cols"] (sparse_linear calls computing only the nonzero rows / columns),
+    ["propagated_cols"] (those of them dropping columns that are not all-zero, because their input features are
+    exact zeros made by upstream zero rows: passes/propagate_structured_zeros.py).  With many
     rewritable layers a progress bar is shown on a TTY stderr; FLASHLLM_PROGRESS=0 turns it off (see `_progress`)."""
     registered: dict[int, tuple[str, ...]] = {}
     rewritten = 0
     matches = list(find_sparse_linears(gm, example_inputs, options))
     groups = find_sibling_groups(gm, matches) if options.fuse_siblings else []
     members_of = {m.node: group for group in groups for m in group}
+    # analysed before any rewrite: it reads the original graph (node -> zero features of the linear's input)
+    zeros = zero_input_features(gm, matches, example_inputs) if options.slice_structured_zeros else {}
     fmts: dict[fx.Node, BitmapWeight] = {}  # first member's node -> the format its group's op runs on
     for match in _progress(matches):
         counters["flashllm"]["linear_found"] += 1
@@ -243,7 +271,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
         if match.skip_reason is None:
             members = members_of.get(match.node, [match])
             if match is members[0]:
-                fmts[match.node] = _rewrite_members(gm, members, options, registered)
+                fmts[match.node] = _rewrite_members(gm, members, options, registered, zeros.get(match.node))
             fmt = fmts[members[0].node]
             compressed = _compressed_bytes(fmt, members, match)
             rewritten += 1

@@ -9,8 +9,13 @@ and/or all-zero input columns, keep rows = its nonzero rows (N' of N) and cols =
                                                                                         in rows (0 if all-zero)
 Exact for finite inputs: the dropped terms are x * 0.  Rows (columns) are sliced only when at least
 MIN_SLICE_FRACTION of them are all-zero, so that the gather of x and the scatter of y pay off.  The analysis and
-the compressed slice are cached per set of parameters (identities + versions).  Slicing is not propagated to
-neighbouring layers.
+the compressed slice are cached per set of parameters (identities + versions).
+
+Propagated to the next layer (passes/propagate_structured_zeros.py): input features that are exact zeros because
+an upstream linear's zero rows make them so (through silu, relu, `* up`, ...) count as zero columns here
+(`zero_inputs`), where the weight column is finite: it only ever multiplies exact zeros.  A row whose nonzeros
+all sit in such columns is then an all-zero row.  Exact for finite activations, as above (0 * Inf = NaN in
+dense math, a dropped term here).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class StructuredSlice:
     row_pos: torch.Tensor | None  # int64 [N]: position of row n in the sliced output (0 for an all-zero row)
     row_keep: torch.Tensor | None  # bool [N]: row n is not all-zero
     cols: torch.Tensor | None  # int64 [K'] kept columns (None: all K)
+    propagated_cols: int = 0  # dropped columns that are not all-zero in W: their inputs are exact zeros
 
     @property
     def zero_rows(self) -> int:
@@ -57,15 +63,34 @@ def _kept(mask: torch.Tensor) -> torch.Tensor | None:
     return mask.nonzero().flatten()
 
 
-def structured_slice(weights: Sequence[torch.Tensor], chunk_k: int, transposed: bool = False) -> StructuredSlice | None:
+def dropped_inputs(w: torch.Tensor, zero_inputs: torch.Tensor) -> torch.Tensor:
+    """bool [K]: the columns of w [N, K] that may be dropped because their input features are exact zeros
+    (`zero_inputs`, bool [K]): those whose weight column is finite (NaN * 0 and Inf * 0 are NaN)."""
+    return zero_inputs.to(w.device) & torch.isfinite(w).all(0)
+
+
+def structured_slice(weights: Sequence[torch.Tensor], chunk_k: int, transposed: bool = False,
+                     zero_inputs: torch.Tensor | None = None) -> StructuredSlice | None:
     """The sliced, compressed row-concatenation of `weights` (each [N_i, K]; [K, N_i] when `transposed`), or None
-    when it has too few all-zero rows and columns (or no nonzero at all).  Cached per set of parameters."""
+    when it has too few all-zero rows and columns (or no nonzero at all).  zero_inputs: bool [K], input features
+    known to be exact zeros (passes/propagate_structured_zeros.py), whose finite columns count as all-zero.
+    Cached per set of parameters (and zero_inputs)."""
+    tag = ("slice", chunk_k, transposed)
+    if zero_inputs is not None and not zero_inputs.any():
+        zero_inputs = None
+    if zero_inputs is not None:
+        tag += (tuple(zero_inputs.nonzero().flatten().tolist()),)
 
     def build() -> StructuredSlice | None:
         with torch.no_grad():
             w = [t.t() if transposed else t for t in weights]
             w = torch.cat(w) if len(w) > 1 else w[0]  # [N, K]
             nonzero = w != 0  # NaN counts as nonzero
+            propagated = 0
+            if zero_inputs is not None:  # used only where it lets columns be sliced
+                dropped = dropped_inputs(w, zero_inputs) & nonzero.any(0)  # [K] nonzero columns meeting zeros
+                if dropped.any() and _kept(nonzero.any(0) & ~dropped) is not None:
+                    nonzero, propagated = nonzero & ~dropped, int(dropped.sum())
             rows, cols = _kept(nonzero.any(1)), _kept(nonzero.any(0))
             if (rows is None and cols is None) or not nonzero.any():
                 return None
@@ -79,9 +104,9 @@ def structured_slice(weights: Sequence[torch.Tensor], chunk_k: int, transposed: 
                 w = w[:, cols]  # [N', K']
             fmt = BitmapWeight.from_dense(w, chunk_k)
         STATS["compressions"] += 1
-        return StructuredSlice(fmt, *nonzero.shape, rows, row_pos, row_keep, cols)
+        return StructuredSlice(fmt, *nonzero.shape, rows, row_pos, row_keep, cols, propagated)
 
-    return derive_once(weights, ("slice", chunk_k, transposed), build)
+    return derive_once(weights, tag, build)
 
 
 def slice_input(graph: fx.Graph, x: fx.Node, cols: fx.Node) -> fx.Node:
