@@ -49,6 +49,20 @@ def test_dense_wins_when_sparse_is_slower(fmt, tmp_path, monkeypatch):
     assert choice.family == "dense" and choice.config is None
 
 
+@pytest.mark.parametrize("sparse_us, family", [(9.8, "dense"), (9.0, "mma")])
+def test_near_tie_keeps_dense(fmt, tmp_path, monkeypatch, sparse_us, family):
+    """A sparse kernel must beat dense by SPARSE_MIN_GAIN (5%) to be picked; without a dense weight it always is."""
+    fmt, w = fmt
+    bench, _ = fake_bench(lambda i: 10.0 if i == 1 else sparse_us)
+    monkeypatch.setattr(autotune, "bench_us", bench)
+    choice = autotune.Autotuner().choose(fmt, 16, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    assert choice.family == family
+    bench, _ = fake_bench(lambda i: sparse_us)
+    monkeypatch.setattr(autotune, "bench_us", bench)
+    no_dense = autotune.Autotuner().choose(fmt, 16, None, allow_dense=False, tune=True, cache_dir=str(tmp_path / "b"))
+    assert no_dense.family == "mma"
+
+
 def test_untuned_defaults(fmt, tmp_path):
     fmt, w = fmt
     tuner = autotune.Autotuner()
