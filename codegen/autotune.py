@@ -71,8 +71,8 @@ def m_bucket(m: int) -> int:
 
 def default_config(m: int) -> TileConfig:
     """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture)."""
-    # The configs the H100 tuner picked most often on LLaMA-7B shapes (benchmarks/RESULTS.md); untuned they cost
-    # 1.1-1.4x the tuned pick (benchmarks/determinism.py, before this choice: 1.2-1.45x).
+    # The configs the H100 tuner picked most often on LLaMA-7B shapes (benchmarks/RESULTS.md); the previous
+    # defaults cost 1.06-1.45x the tuned pick (benchmarks/determinism.py); these were not re-measured.
     if m <= ROWWALK_MAX_M:
         return TileConfig("rowwalk", 16, triton.next_power_of_2(max(m, 1)), 1, 16, 1, 32)
     if m <= 64:
