@@ -23,7 +23,6 @@ from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.report import LinearDecision, decision_table, record_decisions
 
 FAMILIES = ("rowwalk", "mma", "unpack")  # Triton kernel families, in the order they are shown
-SHARED_DEVICE_FUNCTIONS = ("popcount", "decode_bitmap_tile", "store_output")  # codegen/kernels/bitmap_decode.py
 
 
 @dataclass
@@ -169,26 +168,45 @@ def _jit_source(fn) -> str:
         return "@triton.jit\n" + fn.src
 
 
+def _device_functions(module) -> dict[str, object]:
+    """The @triton.jit functions a kernels module defines (not its kernels `_bitmap_*_kernel`), by name.  Duck-typed:
+    under TRITON_INTERPRET=1 the decorator makes interpreter objects, not JITFunctions; both wrap `.fn`."""
+    return {name: fn for name, fn in vars(module).items()
+            if inspect.isfunction(getattr(fn, "fn", None)) and fn.fn.__module__ == module.__name__
+            and not (name.startswith("_bitmap_") and name.endswith("_kernel"))}
+
+
 def kernel_source(family: str) -> str:
-    """The Triton source of one kernel family: the @triton.jit kernel plus the shared device functions
-    (codegen/kernels/bitmap_decode.py) it calls, directly or through each other."""
+    """The Triton source of one kernel family: the @triton.jit kernel plus every device function it calls, directly
+    or through each other (its own module's, codegen/kernels/bitmap_decode.py's, epilogue.py's), and for the row
+    walk the inline PTX of its inner loop (BLOCK_M = 1, fp16)."""
     import importlib
 
-    from flashllm_compile.codegen.kernels import bitmap_decode
+    from flashllm_compile.codegen.kernels import bitmap_decode, epilogue, rowwalk_ptx
 
     module = importlib.import_module(f"flashllm_compile.codegen.kernels.bitmap_{family}")
     kernel_src = _jit_source(getattr(module, f"_bitmap_{family}_kernel"))
-    shared = {name: _jit_source(getattr(bitmap_decode, name)) for name in SHARED_DEVICE_FUNCTIONS}
-    used, pending = [], [kernel_src]
-    while pending:
+    available = {name: (mod, fn) for mod in (epilogue, bitmap_decode, module)
+                 for name, fn in _device_functions(mod).items()}
+    used, pending = set(), [kernel_src]
+    while pending:  # the transitive closure of `name(` mentions
         text = pending.pop()
-        for name, src in shared.items():
+        for name, (_, fn) in available.items():
             if name not in used and f"{name}(" in text:
-                used.append(name)
-                pending.append(src)
-    helpers = [shared[name] for name in SHARED_DEVICE_FUNCTIONS if name in used]  # definition order
-    header = f"# from codegen/kernels/bitmap_decode.py: {', '.join(n for n in SHARED_DEVICE_FUNCTIONS if n in used)}"
-    return "\n\n".join([header, *helpers, f"# from codegen/kernels/bitmap_{family}.py", kernel_src])
+                used.add(name)
+                pending.append(_jit_source(fn))
+    parts = []
+    for mod in (epilogue, bitmap_decode, module):  # definition order within each file
+        names = [name for name, (m, _) in available.items() if m is mod and name in used]
+        if names:
+            parts.append(f"# from {mod.__name__.removeprefix('flashllm_compile.').replace('.', '/')}.py: "
+                         f"{', '.join(names)}")
+            parts += [_jit_source(available[name][1]) for name in names]
+    parts += [f"# the kernel, from codegen/kernels/bitmap_{family}.py", kernel_src]
+    if family == "rowwalk":
+        parts += ["# inline PTX of the walk's inner loop on the GPU (codegen/kernels/rowwalk_ptx.py, BLOCK_M=1, fp16)",
+                  "\n".join("# " + line for line in rowwalk_ptx.rowwalk_ptx(1, "float16").splitlines())]
+    return "\n\n".join(parts)
 
 
 def _compiled_asm(family: str) -> dict[str, str]:

@@ -75,7 +75,10 @@ def test_str_has_table_and_triton_source(report_and_state):
     mma = report.kernel_sources["mma"]
     assert "@triton.jit" in mma and "def _bitmap_mma_kernel(" in mma
     assert "def decode_bitmap_tile(" in mma and "def popcount(" in mma and "def store_output(" in mma
-    assert "def decode_bitmap_tile(" not in report.kernel_sources["rowwalk"]  # only what the kernel calls
+    rowwalk = report.kernel_sources["rowwalk"]
+    assert "def decode_bitmap_tile(" not in rowwalk  # only what the kernel calls
+    assert "def _run_start(" in rowwalk and "def _ptx_walk(" in rowwalk and "def apply_act(" in rowwalk
+    assert "# bfind.u32 %j, %low;" in rowwalk  # the inline PTX of its inner loop
 
 
 def test_to_dict_is_json(report_and_state):
