@@ -68,12 +68,13 @@ def decision_table(decisions: list[LinearDecision], kernels: dict[str, str] | No
 
     kernels: optional {layer name: text} shown in an extra "kernel" column (e.g. the autotuned choice)."""
     w = max([40, *(len(d.name) for d in decisions)])  # full names: they are what users grep for
-    header = f"{'layer':<{w}} {'shape':>12} {'zeros':>6}  {'result':<22} {'MB before':>9} {'MB after':>8}"
+    rw = max([22, *(len(_result(d)) for d in decisions)])  # e.g. "sparse_linear [1376x256] +silu*up"
+    header = f"{'layer':<{w}} {'shape':>12} {'zeros':>6}  {'result':<{rw}} {'MB before':>9} {'MB after':>8}"
     lines = [header + ("  kernel" if kernels is not None else "")]
     for d in decisions:
         after = f"{d.compressed_bytes / 1e6:8.2f}" if d.rewritten else "       -"
         line = (f"{d.name:<{w}} {f'{d.out_features}x{d.in_features}':>12} {d.sparsity:6.1%}  "
-                f"{_result(d):<22} {d.dense_bytes / 1e6:9.2f} {after}")
+                f"{_result(d):<{rw}} {d.dense_bytes / 1e6:9.2f} {after}")
         lines.append(line + (f"  {kernels.get(d.name, '')}" if kernels is not None else ""))
     rewritten = [d for d in decisions if d.rewritten]
     before, after = sum(d.dense_bytes for d in rewritten), sum(d.compressed_bytes for d in rewritten)
