@@ -66,13 +66,16 @@ def _run_start(bitmap_ptr, offsets_ptr, rows, row_ok, share_ids, N, KW, num_chun
     run = tl.cdiv(row_end - row_start, shares)
     v_lo = tl.minimum(row_start + share_ids * run, row_end)
     cnt = tl.minimum(v_lo + run, row_end) - v_lo
-    # the chunk holding value v_lo: the largest c < num_chunks with offsets[c, row] <= v_lo
+    # the chunk holding value v_lo: the largest c < num_chunks with offsets[c, row] <= v_lo (chunk_start: that
+    # offset, the last accepted probe; offsets[0, row] = row_start to begin with)
     c = tl.zeros_like(v_lo)
+    chunk_start = row_start + tl.zeros_like(v_lo)
     for i in tl.static_range(CHUNK_STEPS):
         probe_c = c + (1 << (CHUNK_STEPS - 1 - i))
         probe = tl.load(offsets_ptr + probe_c * N + rows, mask=row_ok & (probe_c < num_chunks), other=2147483647)
         c = tl.where(probe <= v_lo, probe_c, c)
-    rank = v_lo - tl.load(offsets_ptr + c * N + rows, mask=row_ok, other=0)  # of v_lo among the chunk's values
+        chunk_start = tl.where(probe <= v_lo, probe, chunk_start)
+    rank = v_lo - chunk_start  # of v_lo among the chunk's values
     row_words = bitmap_ptr + rows * KW
     wi = c * WORDS
     for _ in tl.static_range(WORDS - 1):  # the word of the chunk holding it
