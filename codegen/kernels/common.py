@@ -73,8 +73,8 @@ def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig,
 def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None,
                          config: TileConfig, grid_m: int = 1, epilogue: Epilogue | None = None,
                          **meta) -> torch.Tensor:
-    """What every family's launcher does: check, allocate out ([M, N], or fp32 [S, M, N] partials for split-K or an
-    epilogue), launch `kernel` on grid (row blocks, splits, grid_m), finish the partials.  x: [M, K] -> [M, N_out]."""
+    """What every family's launcher does: check, allocate out ([M, N], or fp32 [S, M, N] partials for split-K or a
+    GLU epilogue), launch `kernel` on grid (row blocks, splits, grid_m), finish the partials.  x: [M, K] -> [M, N_out]."""
     check_launch(x, fmt, bias)
     x = x.contiguous()
     m = x.shape[0]

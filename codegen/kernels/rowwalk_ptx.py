@@ -25,10 +25,10 @@ def _x_load(block_m: int, u: int) -> str:
     """Predicated load of one xt row (BLOCK_M 16-bit activations) into %xh* / %xw* registers of round u."""
     if block_m == 1:
         return f"@%pu{u} ld.global.nc.b16 %xh{2 * u}, [%xa];"
-    words = [f"%xw{u * (block_m // 2) + i}" for i in range(block_m // 2)]
-    width = {1: "b32", 2: "v2.b32", 4: "v4.b32"}[len(words)]
-    return f"@%pu{u} ld.global.nc.{width} {{{', '.join(words)}}}, [%xa];" if len(words) > 1 else \
-        f"@%pu{u} ld.global.nc.b32 {words[0]}, [%xa];"
+    words = [f"%xw{u * (block_m // 2) + i}" for i in range(block_m // 2)]  # 2 activations per 32-bit word
+    if len(words) == 1:
+        return f"@%pu{u} ld.global.nc.b32 {words[0]}, [%xa];"
+    return f"@%pu{u} ld.global.nc.v{len(words)}.b32 {{{', '.join(words)}}}, [%xa];"
 
 
 @functools.cache
