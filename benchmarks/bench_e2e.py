@@ -407,15 +407,16 @@ def main() -> None:
                         help="output folder (default: $OUT, else benchmarks/out; now %(default)s)")
     args = parser.parse_args()
 
-    if args.flashllm_options is not None:
-        from flashllm_compile.options import FlashLLMOptions
+    from flashllm_compile.options import FlashLLMOptions
 
-        if not isinstance(args.flashllm_options, dict):
-            parser.error("--flashllm-options must be a JSON object, e.g. '{\"fuse_epilogues\": false}'")
+    given = [("--flashllm-options", args.flashllm_options)] if args.flashllm_options is not None else []
+    for flag, options in given + [("--variants", v) for v in args.variants]:
+        if not isinstance(options, dict):
+            parser.error(f"{flag} must be a JSON object, e.g. '{{\"fuse_epilogues\": false}}'")
         try:  # unknown or invalid options fail now, not after building and pruning a 7B model
-            FlashLLMOptions.from_any(args.flashllm_options)
+            FlashLLMOptions.from_any({**(args.flashllm_options or {}), **options})
         except (TypeError, ValueError) as e:
-            parser.error(f"--flashllm-options: {e}")
+            parser.error(f"{flag}: {e}")
 
     if not torch.cuda.is_available():
         print("bench_e2e.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was run.", file=sys.stderr)
