@@ -2,11 +2,16 @@
 
     python benchmarks/bench_e2e.py --arch llama --layers 8 --sparsity 0.8 --batch 1 8
     python benchmarks/bench_e2e.py --arch opt                      # full OPT-6.7B dims, every default point
+    python benchmarks/bench_e2e.py --layers 8 --sparsity 0.8 --batch 1 16 --structured 0.2   # + MLP channels
 
 The model is built ONCE from a config with random weights (never downloaded; fp16, CUDA, eval):
   --arch llama  LLaMA-2-7B dims: hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000
   --arch opt    OPT-6.7B dims:   hidden 4096, ffn 16384, 32 layers, 32 heads, vocab 50272
-and magnitude-pruned (every linear but lm_head) to each --sparsity in increasing order.  For each batch size
+and magnitude-pruned (every linear but lm_head) to each --sparsity in increasing order.  --structured FRACTION
+then also zeroes that fraction of every MLP's intermediate channels (gate/up rows and down columns; OPT: fc1 rows
+and bias entries, fc2 columns; the smallest-norm channels, benchmarks/structured_prune.py), as structured pruning
+(SliceGPT) would leave them, so that the structured-zero slicing passes have rows and columns to drop; the model
+is then rebuilt for every sparsity (see `run`).  For each batch size
 a random prompt of --prompt-len tokens is decoded greedily for exactly --new-tokens tokens with
 `model.generate(..., cache_implementation="static")` under three configurations:
 
@@ -42,6 +47,9 @@ bench_e2e.png (tokens/s against batch, one panel per sparsity) and a table print
                         replays graphs and runs no Python, so its count is normally empty
   error                 the exception of a configuration that failed (the benchmark goes on)
   flashllm_options      the --flashllm-options JSON of the run ("" for the defaults)
+  structured            the --structured fraction of MLP channels zeroed after the magnitude pruning
+  zero_fraction         exact zeros / elements of all pruned linears as benchmarked: `sparsity` plus what the
+                        zeroed channels add (at --structured 0 equal to `sparsity` up to rounding)
 
 Needs a CUDA GPU, transformers and matplotlib.  A full default run (4 sparsities x 3 batches x 2 compiled
 configurations of a 32-layer model) takes a long time: use --layers and fewer points for a quick look.
@@ -73,7 +81,7 @@ CONFIGS = ("eager", "inductor", "flashllm")
 TIMED_RUNS = 3  # timed generates per configuration; tokens/s uses their median (one run varied by ~10%)
 COLUMNS = ["gpu", "torch", "triton", "arch", "layers", "sparsity", "batch", "config", "tokens_per_s",
            "speedup_vs_inductor", "compile_s", "weight_mem_gb", "weight_mem_if_released_gb", "peak_mem_gb",
-           "token_match", "kernel_hits", "error", "flashllm_options"]
+           "token_match", "kernel_hits", "error", "flashllm_options", "structured", "zero_fraction"]
 GB = 1e9
 
 
@@ -82,12 +90,33 @@ GB = 1e9
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _benchmarks_on_path() -> None:
+    """Sibling modules (timing, structured_prune) import by name: benchmarks/ is a folder of scripts."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+
+
 def gpu_info() -> dict[str, str]:
     """gpu, torch and triton versions, from benchmarks/timing.py."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _benchmarks_on_path()
     from timing import gpu_info as info
 
     return info()
+
+
+def prune(model, sparsity: float, structured: float = 0.0) -> float:
+    """Magnitude-prune every linear but lm_head to `sparsity`, then zero the `structured` fraction of every MLP's
+    channels (benchmarks/structured_prune.py); returns the exact-zero fraction of the pruned linears."""
+    from flashllm_compile.prune import magnitude_prune_
+
+    _benchmarks_on_path()
+    from structured_prune import zero_fraction, zero_mlp_channels_
+
+    magnitude_prune_(model, sparsity, progress=False)
+    if structured:
+        zero_mlp_channels_(model, structured)
+    return zero_fraction(model)
 
 
 def build_model(arch: str, dims: dict, dtype: torch.dtype, device: str):
@@ -280,10 +309,9 @@ def bench_point(model, orig_forward, ids: torch.Tensor, new_tokens: int, mode: s
 
 def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens: int, device: str = "cuda",
         dtype: torch.dtype = torch.float16, mode: str | None = "reduce-overhead", cold_cache_dir: str | None = None,
-        on_point=None, flashllm_options: dict | None = None, variants: list[dict] = ()) -> list[dict]:
+        on_point=None, flashllm_options: dict | None = None, variants: list[dict] = (),
+        structured: float = 0.0) -> list[dict]:
     """The whole benchmark; returns the CSV rows.  `on_point(rows)` is called after every point."""
-    from flashllm_compile.prune import magnitude_prune_
-
     ensure_flashllm_backend()
     device = torch.device(device)
     info = gpu_info()
@@ -297,8 +325,17 @@ def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens:
     # 13.5 GB, or a rebuild, per sparsity).  Same result: magnitude_prune_ zeroes the int(K * s) smallest |w| of
     # each row, and the zeros left by a lower sparsity are the smallest magnitudes, so pruning the pruned weight
     # to a higher sparsity zeroes exactly the int(K * s) smallest entries of the original row (up to ties).
-    for sparsity in sorted(sparsities):
-        magnitude_prune_(model, sparsity, progress=False)
+    # Not with --structured: a down_proj row [I] would then count the zeroed channel columns among its
+    # int(I * s) smallest, i.e. keep original values the prune-then-zero order drops.  The model is rebuilt
+    # instead (same seed: the same original weights), in place of the previous one (one model in memory).
+    for i, sparsity in enumerate(sorted(sparsities)):
+        if structured and i:
+            model = orig_forward = None
+            reset_compiled_state(device)
+            model = build_model(arch, dims, dtype, str(device))
+            orig_forward = model.forward
+        zeros = prune(model, sparsity, structured)
+        print(f"sparsity {sparsity}, structured {structured}: {zeros:.2%} of the pruned weights are zeros", flush=True)
         for batch in batches:
             generator = torch.Generator().manual_seed(1000 + batch)  # the same prompt for every config/sparsity
             ids = torch.randint(0, dims["vocab"], (batch, prompt_len), generator=generator).to(device)
@@ -306,7 +343,8 @@ def run(arch: str, dims: dict, sparsities, batches, prompt_len: int, new_tokens:
                                    variants):
                 row.pop("_tokens")
                 rows.append({**info, "arch": arch, "layers": dims["layers"], "sparsity": sparsity, "batch": batch,
-                             **row, "flashllm_options": json.dumps(flashllm_options) if flashllm_options else ""})
+                             **row, "flashllm_options": json.dumps(flashllm_options) if flashllm_options else "",
+                             "structured": structured, "zero_fraction": zeros})
                 print(f"  s={sparsity} batch={batch} {row['config']}: {_fmt(row['tokens_per_s'], 1)} tok/s, "
                       f"compile {_fmt(row['compile_s'], 1)} s {row['kernel_hits']} {row['error']}", flush=True)
             if on_point is not None:
@@ -371,6 +409,9 @@ def print_table(rows: list[dict], prompt_len: int, new_tokens: int) -> None:
     r = rows[0]
     print(f"\n{r['gpu']}, torch {r['torch']}, triton {r['triton']}; {r['arch']} with {r['layers']} layers; "
           f"prompt {prompt_len}, {new_tokens} new tokens; memory in GB; match = tokens equal to inductor's")
+    if r["structured"]:
+        print(f"plus {r['structured']:.1%} of MLP channels zeroed; exact zeros of the pruned linears: "
+              + ", ".join(sorted({f"{x['sparsity']} -> {x['zero_fraction']:.1%}" for x in rows})))
     print(f"{'sp':>4} {'batch':>5} {'config':<8} {'tok/s':>9} {'x ind':>6} {'comp s':>7} {'weights':>7} "
           f"{'if rel':>6} {'peak':>6} {'match':>5}  kernels / error")
     for r in rows:
@@ -403,6 +444,9 @@ def main() -> None:
     parser.add_argument("--variants", type=json.loads, nargs="*", default=[], metavar="JSON",
                         help="extra flashllm rows, one per JSON object of options, e.g. '{\"fuse_epilogues\": false}'"
                              " '{\"deterministic\": true}': each pass / mode measured against the default")
+    parser.add_argument("--structured", type=float, default=0.0, metavar="FRACTION",
+                        help="after the magnitude pruning, also zero this fraction of every MLP's intermediate "
+                             "channels (whole gate/up rows and down columns; default: %(default)s, none)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"),
                         help="output folder (default: $OUT, else benchmarks/out; now %(default)s)")
     args = parser.parse_args()
@@ -425,6 +469,8 @@ def main() -> None:
         parser.error("--layers must be at least 1")
     if any(not 0 <= s < 1 for s in args.sparsity):
         parser.error("--sparsity values must satisfy 0 <= s < 1")
+    if not 0 <= args.structured < 1:
+        parser.error("--structured must satisfy 0 <= FRACTION < 1")
     cold_cache_dir = None
     if args.cold_compile:
         from torch._functorch import config as functorch_config
@@ -442,7 +488,7 @@ def main() -> None:
     rows = run(args.arch, dims, args.sparsity, args.batch, args.prompt_len, args.new_tokens,
                mode=None if args.mode == "default" else args.mode, cold_cache_dir=cold_cache_dir,
                on_point=lambda rows: write_csv(rows, csv_path),  # rewritten after every point: partial runs count
-               flashllm_options=args.flashllm_options, variants=args.variants)
+               flashllm_options=args.flashllm_options, variants=args.variants, structured=args.structured)
     write_csv(rows, csv_path)
     try:
         plot(rows, png_path)

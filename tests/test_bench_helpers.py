@@ -1,0 +1,133 @@
+"""CPU checks of the benchmark helpers: MLP channel zeroing (benchmarks/structured_prune.py, used by bench_e2e.py
+--structured) and a smoke run of benchmarks/bench_passes.py on a tiny layer (no timing)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import bench_e2e
+import bench_passes
+from structured_prune import weakest_channels, zero_fraction, zero_mlp_channels_
+
+LAYERS, HIDDEN, INTERMEDIATE = 2, 64, 128
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64))
+
+
+def tiny_opt():
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=HIDDEN, ffn_dim=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=2, vocab_size=128,
+        max_position_embeddings=64, word_embed_proj_dim=HIDDEN))
+
+
+def test_llama_channels_zeroed_everywhere():
+    """25% of each layer's channels: all-zero gate/up rows and down columns, the lowest-norm ones, no others."""
+    model = tiny_llama()
+    bench_e2e.prune(model, 0.5)  # the unstructured zeros first, as the benchmarks do
+    norms = {i: layer.mlp.gate_proj.weight.float().square().sum(1) + layer.mlp.up_proj.weight.float().square().sum(1)
+             for i, layer in enumerate(model.model.layers)}  # [I] before the channels are zeroed
+    zeroed = zero_mlp_channels_(model, 0.25)
+    assert sorted(zeroed) == [f"model.layers.{i}.mlp" for i in range(LAYERS)]
+    for i, layer in enumerate(model.model.layers):
+        channels = zeroed[f"model.layers.{i}.mlp"]
+        assert channels.numel() == int(INTERMEDIATE * 0.25)
+        kept = torch.ones(INTERMEDIATE, dtype=torch.bool)
+        kept[channels] = False
+        gate, up, down = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
+        assert not gate[channels].any() and not up[channels].any() and not down[:, channels].any()
+        assert (gate[kept] != 0).any(1).all() and (down[:, kept] != 0).any(0).all()  # nothing else all-zero
+        assert norms[i][channels].max() <= norms[i][kept].min()  # the weakest channels
+    # attention untouched by the channel zeroing: still exactly the 50% per row of the magnitude pruning
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert ((q == 0).sum(1) == HIDDEN // 2).all()
+
+
+def test_deterministic_and_honest_fraction():
+    """Same weights, same channels; ties go by index; the reported zero fraction counts the channels."""
+    first, second = tiny_llama(), tiny_llama()
+    zeros = [bench_e2e.prune(m, 0.5, structured=0.25) for m in (first, second)]
+    assert zeros[0] == zeros[1]
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # MLP: 50% + 25% of the other half; attention: 50%  ->  element-weighted over all seven linears
+    mlp, attn = 3 * HIDDEN * INTERMEDIATE, 4 * HIDDEN * HIDDEN
+    assert zeros[0] == pytest.approx((mlp * (0.5 + 0.25 * 0.5) + attn * 0.5) / (mlp + attn), abs=0.01)
+    assert zero_fraction(tiny_llama()) == 0.0
+    ties = torch.nn.Linear(4, 6, bias=False)
+    with torch.no_grad():
+        ties.weight.fill_(1.0)
+    assert weakest_channels([ties], 3).tolist() == [0, 1, 2]
+
+
+def test_opt_bias_and_kept_down_columns():
+    """OPT: fc1 rows and their bias entries zeroed, fc2 columns zeroed; zero_output_columns=False keeps fc2."""
+    model = tiny_opt()
+    layer = model.model.decoder.layers[0]
+    with torch.no_grad():  # HF initialises biases to 0: make them visible
+        layer.fc1.bias.fill_(0.1)
+        layer.fc2.bias.fill_(0.1)
+    zeroed = zero_mlp_channels_(model, 0.5)
+    channels = zeroed["model.decoder.layers.0"]
+    assert channels.numel() == INTERMEDIATE // 2
+    assert not layer.fc1.weight[channels].any() and not layer.fc1.bias[channels].any()
+    assert not layer.fc2.weight[:, channels].any() and (layer.fc2.bias == 0.1).all()
+    assert (layer.fc1.bias != 0).sum() == INTERMEDIATE // 2
+    kept = tiny_opt()
+    before = kept.model.decoder.layers[0].fc2.weight.clone()
+    zero_mlp_channels_(kept, 0.5, zero_output_columns=False)
+    assert torch.equal(kept.model.decoder.layers[0].fc2.weight, before)
+    with pytest.raises(ValueError, match="fraction"):
+        zero_mlp_channels_(kept, 1.0)
+
+
+def test_speedups_and_counts():
+    rows = [{"m": 1, "variant": "inductor", "us_per_layer": 200.0}, {"m": 1, "variant": "all", "us_per_layer": 100.0},
+            {"m": 16, "variant": "all", "us_per_layer": 50.0}, {"m": 1, "variant": "no_slice", "us_per_layer": None}]
+    bench_passes.add_speedups(rows)
+    assert [r["speedup_vs_inductor"] for r in rows] == [1.0, 2.0, None, None]
+    assert bench_passes.parse_counts("rewritten=7 sliced_rows=1") == {"rewritten": 7, "sliced_rows": 1}
+    assert bench_passes.parse_counts("-") == {}
+
+
+def test_bench_passes_cpu_smoke(tmp_path):
+    """The script end to end on the tiny layer: a CSV row per variant, outputs equal to Inductor's, the slicing
+    counters nonzero with structured zeros and zero with the pass off, weights unchanged by compiling."""
+    bench_passes.main(["--device", "cpu", "--m", "1", "--structured", "0.25", "--variants", "all", "no_slice",
+                       "--out", str(tmp_path)])
+    with open(tmp_path / "bench_passes.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["all", "inductor", "no_slice"]
+    for r in rows.values():
+        assert r["error"] == "" and float(r["max_rel_err"]) < 1e-5 and r["us_per_layer"] == ""
+        assert r["structured"] == "0.25" and float(r["zero_fraction"]) > 0.8
+    sliced = bench_passes.parse_counts(rows["all"]["counters"])
+    assert sliced["sliced_rows"] >= 1 and sliced["sliced_cols"] >= 1 and sliced["rewritten"] == 7
+    off = bench_passes.parse_counts(rows["no_slice"]["counters"])
+    assert off["rewritten"] == 7 and off.get("sliced_rows", 0) == off.get("sliced_cols", 0) == 0
+    assert "[192x64]" in rows["all"]["ops"]  # gate/up fused and sliced: 2 x (128 - 32) rows
+
+
+def test_bench_passes_cpu_propagation(tmp_path):
+    """--keep-down-columns: down_proj's columns are not zero, only its inputs are, so only the propagation pass
+    (passes/propagate_structured_zeros.py) drops them."""
+    bench_passes.main(["--device", "cpu", "--m", "1", "--structured", "0.25", "--keep-down-columns", "--variants",
+                       "all", "--out", str(tmp_path)])
+    with open(tmp_path / "bench_passes.csv") as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert rows["all"]["down_zeroed"] == "0" and rows["all"]["error"] == ""
+    assert bench_passes.parse_counts(rows["all"]["counters"])["propagated_cols"] == 1
+    assert "mlp.down_proj [64x96]" in rows["all"]["ops"]
