@@ -204,8 +204,8 @@ def kernel_source(family: str) -> str:
             parts += [_jit_source(available[name][1]) for name in names]
     parts += [f"# the kernel, from codegen/kernels/bitmap_{family}.py", kernel_src]
     if family == "rowwalk":
-        parts += ["# inline PTX of the walk's inner loop on the GPU (codegen/kernels/rowwalk_ptx.py, BLOCK_M=1, fp16)",
-                  "\n".join("# " + line for line in rowwalk_ptx.rowwalk_ptx(1, "float16").splitlines())]
+        parts += ["# inline PTX of the walk on the GPU (codegen/kernels/rowwalk_ptx.py, BLOCK_M=1, fp16, K=4096, x staged)",
+                  "\n".join("# " + line for line in rowwalk_ptx.rowwalk_ptx(1, "float16", 8192).splitlines())]
     return "\n\n".join(parts)
 
 

@@ -8,9 +8,15 @@ at 90%, benchmarks/RESULTS.md).  The interpreter cannot run PTX: `_bitmap_rowwal
 
 Operands (after the BLOCK_M fp32 outputs): w (u32, the lane's first bitmap word with the bits before its first
 nonzero cleared), wb (u64, address of the row's word 0), vp (u64, address of the lane's first value), xb (u64,
-address of xt [K, BLOCK_M]), wi (u32, index of w in the row), kw (u32, words per row), cnt (u32, nonzeros to do).
+address of xt [K, BLOCK_M]), wi (u32, index of w in the row), kw (u32, words per row), cnt (u32, nonzeros to do),
+xtot (u32, bytes of xt).
 One round:   j = lowest set bit of w;  acc[t] += v[vp] * xt[32 * wi + j, t];  vp += 1;  cnt -= 1;  w ^= 1 << j
              if w == 0 and cnt > 0:  w = the next word (loaded one word ahead);  wi += 1
+Where xt fits (smem_bytes > 0) the program first copies it into a shared array and the rounds gather from there:
+a warp's 32 random 2..16-byte gathers cost a few shared-memory bank wavefronts instead of ~32 L1 sectors (H100,
+M = 1: LLaMA-7B qkv 80% 28.8 -> 25.5 us, down 33.0 -> 25.5 us, 90% qkv 20.4 -> 17.2 us).  Tried and dropped: values
+read 16 bytes (8 nonzeros) at a time into a register ring, one block ahead: 10-25% slower (per-slot predication and
+the out-of-line empty-word path cost more than the loads saved; benchmarks/RESULTS.md idea 13).
 """
 
 from __future__ import annotations
@@ -21,39 +27,65 @@ PTX_TYPES = {"float16": "f16", "bfloat16": "bf16"}  # value / activation dtypes 
 UNROLL = 2  # rounds per loop iteration (4 measured no faster)
 
 
-def _x_load(block_m: int, u: int) -> str:
+def _x_load(block_m: int, u: int, smem: bool) -> str:
     """Predicated load of one xt row (BLOCK_M 16-bit activations) into %xh* / %xw* registers of round u."""
+    space, addr = ("shared", "%xs") if smem else ("global.nc", "%xa")
     if block_m == 1:
-        return f"@%pu{u} ld.global.nc.b16 %xh{2 * u}, [%xa];"
+        return f"@%pu{u} ld.{space}.b16 %xh{2 * u}, [{addr}];"
     words = [f"%xw{u * (block_m // 2) + i}" for i in range(block_m // 2)]  # 2 activations per 32-bit word
     if len(words) == 1:
-        return f"@%pu{u} ld.global.nc.b32 {words[0]}, [%xa];"
-    return f"@%pu{u} ld.global.nc.v{len(words)}.b32 {{{', '.join(words)}}}, [%xa];"
+        return f"@%pu{u} ld.{space}.b32 {words[0]}, [{addr}];"
+    return f"@%pu{u} ld.{space}.v{len(words)}.b32 {{{', '.join(words)}}}, [{addr}];"
+
+
+def _stage_x() -> list[str]:
+    """Every thread of the program copies its part of xt (%xtot bytes, at %xb) into the shared array flx_xs, then
+    one barrier: 16-byte pieces (the launcher passes a 16-byte aligned xt), then the < 16-byte tail in 16-bit ones."""
+    return ["{", ".reg .pred %pf;", ".reg .b32 %t, %nt, %xv, %o, %st, %sa, %f<4>;", ".reg .b16 %fh;",
+            ".reg .b64 %o64, %ga;",
+            "mov.u32 %t, %tid.x;", "mov.u32 %nt, %ntid.x;", "and.b32 %xv, %xtot, -16;", "shl.b32 %o, %t, 4;",
+            "shl.b32 %st, %nt, 4;",
+            "FILL:", "setp.ge.u32 %pf, %o, %xv;", "@%pf bra FILLED;",
+            "cvt.u64.u32 %o64, %o;", "add.s64 %ga, %xb, %o64;", "ld.global.nc.v4.b32 {%f0, %f1, %f2, %f3}, [%ga];",
+            "add.u32 %sa, %sb, %o;", "st.shared.v4.b32 [%sa], {%f0, %f1, %f2, %f3};",
+            "add.u32 %o, %o, %st;", "bra.uni FILL;", "FILLED:",
+            "shl.b32 %o, %t, 1;", "add.u32 %o, %o, %xv;", "setp.lt.u32 %pf, %o, %xtot;",
+            "cvt.u64.u32 %o64, %o;", "add.s64 %ga, %xb, %o64;", "@%pf ld.global.nc.b16 %fh, [%ga];",
+            "add.u32 %sa, %sb, %o;", "@%pf st.shared.b16 [%sa], %fh;", "bar.sync 0;", "}"]
 
 
 @functools.cache
-def rowwalk_ptx(block_m: int, dtype: str) -> str:
-    """PTX text of one lane's walk for BLOCK_M in {1, 2, 4, 8} tokens and torch dtype name in PTX_TYPES."""
+def rowwalk_ptx(block_m: int, dtype: str, smem_bytes: int = 0) -> str:
+    """PTX text of one lane's walk for BLOCK_M in {1, 2, 4, 8} tokens and torch dtype name in PTX_TYPES.
+    smem_bytes > 0 (a multiple of 16, >= the bytes of xt): the program first stages xt in a shared array of that
+    size and gathers activations from it (LDS: ~3 bank wavefronts per warp instead of ~32 L1 sectors)."""
     ty = PTX_TYPES[dtype]
     xbytes = 2 * block_m  # one xt row: BLOCK_M 16-bit activations
     words = max(1, block_m // 2)
+    smem = smem_bytes > 0
     a = block_m  # index of the first input operand
-    o = ["{", ".reg .pred %pa, %pn, %pc;", f".reg .pred %pu<{UNROLL}>;",
-         ".reg .b32 %w, %wn, %wi, %wlast, %cnt, %jj, %low, %j;", ".reg .b64 %wb, %vp, %xb, %xa, %wa;",
-         f".reg .b16 %hv<{UNROLL}>;", f".reg .f32 %fv<{UNROLL}>;", f".reg .b32 %xw<{UNROLL * words}>;",
-         f".reg .b16 %xh<{UNROLL * max(2, block_m)}>;", f".reg .f32 %xf<{UNROLL * block_m}>;"]
+    o = ["{"] + ([f".shared .align 16 .b8 flx_xs[{smem_bytes}];"] if smem else [])
+    o += [".reg .pred %pa, %pn, %pc;", f".reg .pred %pu<{UNROLL}>;",
+          ".reg .b32 %w, %wn, %wi, %wlast, %cnt, %jj, %low, %j, %xtot, %sb, %xs;",
+          ".reg .b64 %wb, %vp, %xb, %xa, %wa;", f".reg .b16 %hv<{UNROLL}>;", f".reg .f32 %fv<{UNROLL}>;",
+          f".reg .b32 %xw<{UNROLL * words}>;", f".reg .b16 %xh<{UNROLL * max(2, block_m)}>;",
+          f".reg .f32 %xf<{UNROLL * block_m}>;"]
     o += [f"mov.f32 ${t}, 0f00000000;" for t in range(block_m)]
     o += [f"mov.b32 %w, ${a};", f"mov.b64 %wb, ${a + 1};", f"mov.b64 %vp, ${a + 2};", f"mov.b64 %xb, ${a + 3};",
           f"mov.b32 %wi, ${a + 4};", f"add.s32 %wlast, ${a + 5}, -1;", f"mov.b32 %cnt, ${a + 6};",
-          "mov.b32 %wn, 0;", "setp.lt.s32 %pc, %cnt, 1;", "@%pc bra DONE;",
+          f"mov.b32 %xtot, ${a + 7};"]
+    if smem:
+        o += ["mov.u32 %sb, flx_xs;", *_stage_x()]  # before any lane leaves: every thread of the program takes part in the barrier
+    o += ["mov.b32 %wn, 0;", "setp.lt.s32 %pc, %cnt, 1;", "@%pc bra DONE;",
           "setp.lt.s32 %pn, %wi, %wlast;", "mad.wide.u32 %wa, %wi, 4, %wb;",
           "@%pn ld.global.nc.b32 %wn, [%wa+4];", "LOOP:"]
+    x_address = (f"mad.lo.u32 %xs, %jj, {xbytes}, %sb;" if smem else f"mad.wide.u32 %xa, %jj, {xbytes}, %xb;")
     for u in range(UNROLL):
         o += [f"setp.ne.b32 %pu{u}, %w, 0;", f"setp.gt.and.s32 %pu{u}, %cnt, 0, %pu{u};",
               "neg.s32 %low, %w;", "and.b32 %low, %low, %w;", "bfind.u32 %j, %low;", "xor.b32 %w, %w, %low;",
               f"@%pu{u} ld.global.nc.b16 %hv{u}, [%vp];", f"@%pu{u} add.s64 %vp, %vp, 2;",
               f"@%pu{u} add.s32 %cnt, %cnt, -1;",
-              "mad.lo.u32 %jj, %wi, 32, %j;", f"mad.wide.u32 %xa, %jj, {xbytes}, %xb;", _x_load(block_m, u),
+              "mad.lo.u32 %jj, %wi, 32, %j;", x_address, _x_load(block_m, u, smem),
               # word used up and nonzeros left: take the prefetched next word, prefetch the one after
               "setp.eq.b32 %pa, %w, 0;", "setp.gt.and.s32 %pa, %cnt, 0, %pa;",
               "@%pa mov.b32 %w, %wn;", "@%pa add.s32 %wi, %wi, 1;",
@@ -73,5 +105,5 @@ def rowwalk_ptx(block_m: int, dtype: str) -> str:
 
 
 def rowwalk_constraints(block_m: int) -> str:
-    """LLVM constraint string: BLOCK_M fp32 outputs, then w, wb, vp, xb, wi, kw, cnt."""
-    return ",".join(["=f"] * block_m + ["r", "l", "l", "l", "r", "r", "r"])
+    """LLVM constraint string: BLOCK_M fp32 outputs, then w, wb, vp, xb, wi, kw, cnt, xtot (bytes of xt)."""
+    return ",".join(["=f"] * block_m + ["r", "l", "l", "l", "r", "r", "r", "r"])
