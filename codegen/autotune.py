@@ -102,10 +102,20 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _key(fmt: BitmapWeight, m: int, allow_dense: bool) -> str:
+def dense_shape(dense: torch.Tensor | list[torch.Tensor] | None) -> tuple[int, int] | None:
+    """[N, K] of a dense fallback weight (a fused op's members: rows summed).  A sliced op's dense fallback is its
+    full weight, larger than its compressed one (ops.sparse_linear, in_cols / out_rows)."""
+    if dense is None:
+        return None
+    parts = [dense] if isinstance(dense, torch.Tensor) else dense
+    return sum(p.shape[0] for p in parts), parts[0].shape[1]
+
+
+def _key(fmt: BitmapWeight, m: int, allow_dense: bool, dense: tuple[int, int] | None = None) -> str:
     density = round(round(fmt.nnz / max(1, fmt.n * fmt.k) / DENSITY_STEP) * DENSITY_STEP, 2)
     dtype = str(fmt.dtype).removeprefix("torch.")
-    return f"{dtype}:{fmt.n}x{fmt.k}:ck{fmt.chunk_k}:d{density}:m{m_bucket(m)}:dense{int(allow_dense)}"
+    full = f":full{dense[0]}x{dense[1]}" if allow_dense and dense is not None and dense != (fmt.n, fmt.k) else ""
+    return f"{dtype}:{fmt.n}x{fmt.k}:ck{fmt.chunk_k}:d{density}:m{m_bucket(m)}:dense{int(allow_dense)}{full}"
 
 
 class Autotuner:
@@ -154,12 +164,14 @@ class Autotuner:
         """The implementation to run for M tokens (`dense_weight` as in `dense_linear`). Tunes on first sight of a key, unless `tune` is False or a
         CUDA graph is being captured (then the untuned default).  Called on every op call: a hit costs one dict
         lookup."""
-        fast_key = (fmt.n, fmt.k, fmt.chunk_k, fmt.nnz, fmt.values.dtype, fmt.values.device, m_bucket(m), allow_dense)
+        full = dense_shape(dense_weight) if allow_dense else None
+        fast_key = (fmt.n, fmt.k, fmt.chunk_k, fmt.nnz, fmt.values.dtype, fmt.values.device, m_bucket(m), allow_dense,
+                    full)
         choice = self._fast.get(fast_key)
         if choice is not None:
             self.hits += 1
             return choice
-        key = _key(fmt, m, allow_dense)
+        key = _key(fmt, m, allow_dense, full)
         with self._lock:
             path = self.cache_file(cache_dir, fmt.values.device)
             self._load(path)
@@ -182,8 +194,9 @@ class Autotuner:
         x = torch.randn(m, fmt.k, device=fmt.values.device, dtype=fmt.dtype)
         timings: list[tuple[float, str, TileConfig | None]] = []
         dense_us = float("nan")
-        if dense_weight is not None:
-            dense_us = bench_us(lambda: dense_linear(x, dense_weight))
+        if dense_weight is not None:  # on its own K: a sliced op's dense fallback runs the full weight on the full x
+            x_dense = torch.randn(m, dense_shape(dense_weight)[1], device=x.device, dtype=x.dtype)
+            dense_us = bench_us(lambda: dense_linear(x_dense, dense_weight))
             timings.append((dense_us, "dense", None))
         for config in candidate_configs(m):
             try:

@@ -62,7 +62,7 @@ def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Te
 @torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=(
     "(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor? bias, Tensor? dense_weight, SymInt n, SymInt k, "
     "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None, str? runtime=None, "
-    "str? epilogue=None, Tensor? residual=None) -> Tensor"))
+    "str? epilogue=None, Tensor? residual=None, Tensor? in_cols=None, Tensor? out_rows=None) -> Tensor"))
 def sparse_linear(
     x: torch.Tensor,
     bitmap: torch.Tensor,
@@ -80,6 +80,8 @@ def sparse_linear(
     runtime: str | None = None,
     epilogue: str | None = None,
     residual: torch.Tensor | None = None,
+    in_cols: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W[N, K]^T (+ bias) with W given by the bitmap format (bitmap, offsets, values),
     then the epilogue, in fp32 before the cast (codegen/epilogue_spec.py; folded by passes/fuse_epilogues.py).
@@ -92,17 +94,26 @@ def sparse_linear(
     runtime: JSON of the compile's autotune / cache_dir / deterministic options (None: the process defaults).
     epilogue: "silu" | "gelu" | "gelu_tanh" | "relu", or "<act>*up": act(y[..., :N/2]) * y[..., N/2:] -> [..., N/2].
     residual: [..., N_out] in x's dtype, added last.
+    in_cols / out_rows: a sliced op (passes/slice_structured_zeros.py): the compressed weight is W[out_rows][:, in_cols]
+    [N, K] of a full weight [N_full, K_full]; x is the full input [..., K_full].  The sparse kernels read
+    x[..., in_cols]; the dense fallback runs the full weight (`dense_weight` or the members `weights`, in place: no
+    per-call copy of W[rows][:, cols]) on the full x and keeps the out_rows outputs.
     """
     _check_weight_unchanged(weight_token, name, dense_weight, weights)
+    k_full = k if in_cols is None else x.shape[-1]  # features of x (and of the dense fallback weight)
+    n_full = n if out_rows is None else None  # rows of the dense fallback weight (a sliced op: any, rows are picked)
     # A fused op's dense fallback runs on its member weights in place (row blocks of the fused weight).
     dense = dense_weight
-    if dense is None and weights and all(w.dim() == 2 and w.shape[1] == k for w in weights) and sum(
-            w.shape[0] for w in weights) == n:
+    if dense is None and weights and all(w.dim() == 2 and w.shape[1] == k_full for w in weights) and (
+            n_full is None or sum(w.shape[0] for w in weights) == n_full):
         dense = list(weights)
-    if x.shape[-1] != k:
+    if in_cols is not None and in_cols.shape[0] != k:
+        raise ValueError(f"flashllm '{name}': in_cols selects {in_cols.shape[0]} features, the weight expects {k}")
+    if in_cols is None and x.shape[-1] != k:
         raise ValueError(f"flashllm '{name}': input has {x.shape[-1]} features, the weight expects {k}")
     fmt = BitmapWeight(bitmap, offsets, values, n, k, chunk_k)
-    x2d = x.reshape(-1, k)
+    x_full = x.reshape(-1, k_full)  # [M, K_full]: what the dense fallback reads
+    x2d = x_full if in_cols is None else x_full.index_select(1, in_cols)  # [M, K]: what the sparse kernels read
     epi = _epilogue(epilogue, residual, x, n, name)  # None: plain linear
     n_out = epi.out_features(n) if epi is not None else n
     preference = KernelPreference(kernel)
@@ -117,8 +128,10 @@ def sparse_linear(
             out = apply_epilogue(out[None], bias, epi, x.dtype)
     elif preference is KernelPreference.DENSE:
         if dense is None:  # the Triton unpack pass on the GPU (to_dense's boolean indexing syncs the device)
-            dense = unpack_weight(fmt) if x.is_cuda and values.dtype in KERNEL_DTYPES else fmt.to_dense()
-        family, out = "dense", _dense_linear(x2d, dense, bias, epi)
+            unpacked = unpack_weight(fmt) if x.is_cuda and values.dtype in KERNEL_DTYPES else fmt.to_dense()
+            family, out = "dense", _dense_linear(x2d, unpacked, bias, epi)
+        else:
+            family, out = "dense", _dense_linear(x_full, dense, bias, epi, out_rows)
     else:
         allow_dense = preference is KernelPreference.AUTO and dense is not None
         settings = _runtime(runtime)
@@ -130,7 +143,7 @@ def sparse_linear(
                                       cache_dir=settings["cache_dir"])
         family = choice.family
         if family == "dense":
-            out = _dense_linear(x2d, dense, bias, epi)
+            out = _dense_linear(x_full, dense, bias, epi, out_rows)
         else:
             out = LAUNCHERS[family](x2d, fmt, bias, choice.config, epi)
     KERNEL_HITS[family] += 1
@@ -153,30 +166,43 @@ def _epilogue(text: str | None, residual: torch.Tensor | None, x: torch.Tensor, 
     return epi
 
 
-def _dense_linear(x2d: torch.Tensor, dense, bias: torch.Tensor | None, epi: Epilogue | None) -> torch.Tensor:
+def _dense_linear(x2d: torch.Tensor, dense, bias: torch.Tensor | None, epi: Epilogue | None,
+                  out_rows: torch.Tensor | None = None) -> torch.Tensor:
     """cuBLAS (`dense_linear`), then the epilogue (bias included, in fp32): the epilogue kernel on CUDA, the torch
     reference elsewhere; a lone residual goes into cuBLAS's own epilogue (addmm, beta = 1: no extra launch).
-    x2d: [M, K] -> [M, N_out]."""
+    x2d: [M, K] -> [M, N_out].  out_rows (a sliced op): the full weight's outputs [M, N_full] -> those rows."""
+    if out_rows is not None:  # the sliced rows' bias is the op's bias; epilogues are not folded into sliced ops
+        y = dense_linear(x2d, dense).index_select(1, out_rows)  # [M, N]
+        if epi is None:
+            return y if bias is None else y + bias
+        return _dense_epilogue(y, bias, epi)
     if epi is None:
         return dense_linear(x2d, dense, bias)
     weight = dense if isinstance(dense, torch.Tensor) else dense[0] if len(dense) == 1 else None  # [N, K]
     if weight is not None and bias is None and not epi.act and not epi.glu:
         return torch.addmm(epi.residual, x2d, weight.t())  # residual [M, N] + x [M, K] @ W^T
-    y = dense_linear(x2d, dense)[None]  # [1, M, N] in x's dtype
-    return finish_split_k(y, bias, x2d.dtype, epi) if y.is_cuda else apply_epilogue(y, bias, epi, x2d.dtype)
+    return _dense_epilogue(dense_linear(x2d, dense), bias, epi)
+
+
+def _dense_epilogue(y: torch.Tensor, bias: torch.Tensor | None, epi: Epilogue) -> torch.Tensor:
+    """y: [M, N] in x's dtype -> epilogue(y + bias) [M, N_out]: the epilogue kernel on CUDA, else the reference."""
+    return finish_split_k(y[None], bias, y.dtype, epi) if y.is_cuda else apply_epilogue(y[None], bias, epi, y.dtype)
 
 
 @sparse_linear.register_fake
 def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None,
-      runtime=None, epilogue=None, residual=None):
-    torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
+      runtime=None, epilogue=None, residual=None, in_cols=None, out_rows=None):
+    if in_cols is None:
+        torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
     _, glu = parse_epilogue(epilogue)
     return x.new_empty((*x.shape[:-1], n // 2 if glu else n))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, *_ = inputs
-    ctx.save_for_backward(x, bitmap, offsets, values, dense_weight)
+    in_cols = inputs[16] if len(inputs) > 16 else None
+    ctx.sliced = in_cols is not None or (len(inputs) > 17 and inputs[17] is not None)
+    ctx.save_for_backward(x, bitmap, offsets, values, dense_weight, in_cols)
     ctx.meta = (n, k, chunk_k)
     ctx.has_bias = bias is not None
     ctx.epilogue = (inputs[14], inputs[15] is not None)  # (epilogue, has residual)
@@ -184,21 +210,32 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad):
-    """Dense backward (training is not the target; correctness is): grad_x = grad @ W, grad_W = grad^T x."""
+    """Dense backward (training is not the target; correctness is): grad_x = grad @ W, grad_W = grad^T x.
+    A sliced op (in_cols / out_rows): grad [..., N'] @ W[rows][:, cols] lands in x's `in_cols` features, zeros
+    elsewhere; its weights get no gradient (slicing is a frozen-weight rewrite)."""
     if ctx.epilogue[0] or ctx.epilogue[1]:  # passes/fuse_epilogues.py folds nothing when a gradient may flow
         raise RuntimeError(f"flashllm '{ctx.name}': no backward for a sparse_linear with a fused epilogue "
                            f"(epilogue={ctx.epilogue[0]!r}, residual: {ctx.epilogue[1]}); compile in grad mode with "
                            "inputs that require grad (the epilogue is then not folded), or fuse_epilogues=False")
-    x, bitmap, offsets, values, dense_weight = ctx.saved_tensors
+    x, bitmap, offsets, values, dense_weight, in_cols = ctx.saved_tensors
     n, k, chunk_k = ctx.meta
-    weight = dense_weight if dense_weight is not None else BitmapWeight(bitmap, offsets, values, n, k,
-                                                                        chunk_k).to_dense()
+    if ctx.sliced and ctx.needs_input_grad[5]:
+        raise RuntimeError(f"flashllm '{ctx.name}': no weight gradient through a sliced sparse_linear; compile with "
+                           "slice_structured_zeros=False to train its weight")
+    weight = dense_weight if dense_weight is not None and not ctx.sliced else BitmapWeight(
+        bitmap, offsets, values, n, k, chunk_k).to_dense()  # [N, K] (a sliced op: W[rows][:, cols])
     grad2d = grad.reshape(-1, n)
-    grad_x = (grad2d @ weight.to(grad.dtype)).reshape(x.shape) if ctx.needs_input_grad[0] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad2d @ weight.to(grad.dtype)  # [M, K]
+        if in_cols is not None:  # -> [M, K_full], zeros at the dropped features
+            grad_x = grad_x.new_zeros(grad_x.shape[0], x.shape[-1]).index_copy_(1, in_cols, grad_x)
+        grad_x = grad_x.reshape(x.shape)
     grad_bias = grad2d.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
     grad_w = grad2d.t() @ x.reshape(-1, k) if ctx.needs_input_grad[5] else None
     grads = (grad_x, None, None, None, grad_bias, grad_w, None, None, None, None, None, None)
-    # `weights` (only when passed; autograd wants the structure of the passed inputs): never differentiated
+    # `weights` (only when passed; autograd wants the structure of the passed inputs) and the trailing optional
+    # operands: never differentiated
     passed = ctx.needs_input_grad[len(grads):]
     return (*grads, *([None] * len(p) if isinstance(p, (list, tuple)) else None for p in passed))
 

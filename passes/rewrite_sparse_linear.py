@@ -34,8 +34,6 @@ from flashllm_compile.passes.propagate_structured_zeros import ZeroFeatures, zer
 from flashllm_compile.passes.slice_structured_zeros import (
     StructuredSlice,
     scatter_rows,
-    slice_dense,
-    slice_input,
     structured_slice,
 )
 from flashllm_compile.report import LinearDecision, publish
@@ -152,8 +150,8 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: Struc
     with_dense = _needs_dense(first, options)
     fmt = sliced.fmt if sliced is not None else compress_weights(weights, options.chunk_k, first.transposed)
     parts = dict(zip(("bitmap", "offsets", "values"), fmt.tensors()))
-    if sliced is not None:  # rows [N'] (only to slice the dense weight), rowpos [N], rowkeep [N], cols [K']
-        parts.update({part: t for part, t in (("rows", sliced.rows if with_dense else None), ("rowpos", sliced.row_pos),
+    if sliced is not None:  # rows [N'] (the dense fallback's outputs to keep), rowpos [N], rowkeep [N], cols [K']
+        parts.update({part: t for part, t in (("rows", sliced.rows), ("rowpos", sliced.row_pos),
                                               ("rowkeep", sliced.row_keep), ("cols", sliced.cols)) if t is not None})
     names = _register_parts(gm, sliced or fmt, parts, registered)
     x_val = meta_val(first.x)
@@ -162,18 +160,16 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: Struc
         for part, name in zip(parts, names):
             get[part] = graph.get_attr(name)
             get[part].meta["val"] = get[part].meta["example_value"] = _fake_like(gm, x_val, parts[part])
-        # [N_i, K] members need no dense operand: the op's dense fallback runs on `weights` in place (ops.py)
-        in_place = sliced is None and not first.transposed and len(members) > 1
+        # [N_i, K] members need no dense operand: the op's dense fallback runs on `weights` in place (ops.py); a
+        # sliced op's too: it runs the full weight on the full x and keeps its rows (no per-call W[rows][:, cols])
+        in_place = not first.transposed and (len(members) > 1 or sliced is not None)
         bias, dense = concat_operands(graph, members, with_dense and not in_place)  # [N] | None, [N, K] | None
-        x, scatter = first.x, sliced is not None and sliced.row_pos is not None
-        if sliced is not None and sliced.cols is not None:
-            x = slice_input(graph, x, get["cols"])  # [..., K']
-        if sliced is not None and dense is not None:
-            dense = slice_dense(graph, dense, get.get("rows"), get.get("cols"))  # [N', K']
-        y = call_with_meta(graph, torch.ops.flashllm.sparse_linear.default, x, get["bitmap"], get["offsets"],
+        scatter = sliced is not None and sliced.row_pos is not None
+        y = call_with_meta(graph, torch.ops.flashllm.sparse_linear.default, first.x, get["bitmap"], get["offsets"],
                            get["values"], None if scatter else bias, dense, fmt.n, fmt.k, fmt.chunk_k,
                            options.kernel.value, fused_name(members), watch_weights([*weights, *guard_tensors]),
-                           [*(m.weight_node for m in members), *guard_nodes], runtime=options.runtime_spec())
+                           [*(m.weight_node for m in members), *guard_nodes], runtime=options.runtime_spec(),
+                           in_cols=get.get("cols"), out_rows=get.get("rows"))
         y.meta.update({k: v for k, v in first.node.meta.items() if k in ("stack_trace", "nn_module_stack",
                                                                          "source_fn_stack")})
         if scatter:

@@ -4,7 +4,8 @@ For a weight W [N, K] chosen for rewriting (fused siblings: their row-concatenat
 and/or all-zero input columns, keep rows = its nonzero rows (N' of N) and cols = its nonzero columns (K' of K):
 
     y[..., N] = x[..., K] @ W^T + b
-    y'        = sparse_linear(x[..., cols], compress(W[rows][:, cols]))   [..., N']   a smaller weight
+    y'        = sparse_linear(x, compress(W[rows][:, cols]), in_cols=cols, out_rows=rows)   [..., N']
+                (the op's kernels read x[..., cols]; its dense fallback runs the full W in place and keeps rows)
     y         = where(row_keep, y'[..., row_pos], 0) + b                   [..., N]    row_pos[n] = index of n
                                                                                         in rows (0 if all-zero)
 Exact for finite inputs: the dropped terms are x * 0.  Rows (columns) are sliced only when at least
@@ -107,20 +108,6 @@ def structured_slice(weights: Sequence[torch.Tensor], chunk_k: int, transposed: 
         return StructuredSlice(fmt, *nonzero.shape, rows, row_pos, row_keep, cols, propagated)
 
     return derive_once(weights, tag, build)
-
-
-def slice_input(graph: fx.Graph, x: fx.Node, cols: fx.Node) -> fx.Node:
-    """x[..., K] -> x[..., cols]: [..., K']."""
-    return call_with_meta(graph, torch.index_select, x, -1, cols)
-
-
-def slice_dense(graph: fx.Graph, dense: fx.Node, rows: fx.Node | None, cols: fx.Node | None) -> fx.Node:
-    """The dense fallback weight [N, K] -> W[rows][:, cols]: [N', K'] (a copy of the weight on every call)."""
-    if rows is not None:
-        dense = call_with_meta(graph, torch.index_select, dense, 0, rows)
-    if cols is not None:
-        dense = call_with_meta(graph, torch.index_select, dense, 1, cols)
-    return dense
 
 
 def scatter_rows(graph: fx.Graph, y: fx.Node, row_pos: fx.Node, row_keep: fx.Node, bias: fx.Node | None) -> fx.Node:

@@ -150,3 +150,22 @@ def test_replaced_parameter_of_a_sliced_weight_raises():
         with pytest.raises(RuntimeError, match="got another weight tensor"):
             compiled(x)
     assert counters["flashllm"]["sliced_rows"] == 1
+
+
+@pytest.mark.parametrize("case", ["rows", "cols", "both"])
+def test_sliced_dense_fallback_runs_the_full_weight_in_place(case):
+    """With the dense weights kept, a sliced op's dense fallback is the unsliced GEMM on the module's own weight,
+    rows picked after it: the graph copies no W[rows][:, cols] per call (that copy made a LLaMA-7B layer 2.8x
+    slower on the H100, benchmarks/RESULTS.md), and x reaches the op whole (its kernels gather the kept columns)."""
+    rows, cols = (ZERO_ROWS if case != "cols" else []), (ZERO_COLS if case != "rows" else [])
+    lin = make_linear(rows, cols)
+    out, hits, (node,) = run(lin, torch.randn(2, 3, K), kernel="dense")
+    assert op_shape(node) == (N - len(rows), K - len(cols)) and hits == 1
+    assert node.args[5] is None, "no dense weight operand: the op runs its member weights in place"
+    assert (node.kwargs["in_cols"] is not None) == bool(cols) and (node.kwargs["out_rows"] is not None) == bool(rows)
+    graph = node.graph
+    selects = [n for n in graph.nodes if n.target in (torch.index_select, torch.ops.aten.index_select.default)]
+    assert node.args[0] not in selects, "the op receives the full input: x is not gathered in the graph"
+    members = node.args[12] if len(node.args) > 12 else node.kwargs["weights"]  # the parameters, run in place
+    assert members and not any(n.args[0] in members for n in selects), "no per-call slice of the weight"
+    assert torch.equal(out[..., rows], lin.bias[rows].expand(2, 3, len(rows)))

@@ -2,7 +2,7 @@
 
 Why PTX: the same loop in Triton costs ~30 SASS instructions per nonzero (64-bit address pairs for three
 gathers, masked-load zeroing) and every lane runs the program's maximum trip count.  Here a lane stops after its
-own `cnt` nonzeros, indices are 32-bit with one IMAD.WIDE per address, and two rounds share one basic block so
+own `cnt` nonzeros, its state is 32-bit byte offsets (one 64-bit add per address), and two rounds share one block so
 ptxas issues the loads of both before either FMA waits (H100: 6.7 M vs 9.6 M warp instructions on LLaMA-7B qkv
 at 90%, benchmarks/RESULTS.md).  The interpreter cannot run PTX: `_bitmap_rowwalk_kernel` keeps a Triton loop.
 
@@ -66,30 +66,35 @@ def rowwalk_ptx(block_m: int, dtype: str, smem_bytes: int = 0) -> str:
     a = block_m  # index of the first input operand
     o = ["{"] + ([f".shared .align 16 .b8 flx_xs[{smem_bytes}];"] if smem else [])
     o += [".reg .pred %pa, %pn, %pc;", f".reg .pred %pu<{UNROLL}>;",
-          ".reg .b32 %w, %wn, %wi, %wlast, %cnt, %jj, %low, %j, %xtot, %sb, %xs;",
-          ".reg .b64 %wb, %vp, %xb, %xa, %wa;", f".reg .b16 %hv<{UNROLL}>;", f".reg .f32 %fv<{UNROLL}>;",
+          ".reg .b32 %w, %wn, %wo, %wol, %cb, %jj, %low, %j, %xtot, %sb, %xs;",
+          ".reg .b64 %wb, %ve, %va, %xb, %xa, %wa, %o64;", f".reg .b16 %hv<{UNROLL}>;", f".reg .f32 %fv<{UNROLL}>;",
           f".reg .b32 %xw<{UNROLL * words}>;", f".reg .b16 %xh<{UNROLL * max(2, block_m)}>;",
           f".reg .f32 %xf<{UNROLL * block_m}>;"]
     o += [f"mov.f32 ${t}, 0f00000000;" for t in range(block_m)]
-    o += [f"mov.b32 %w, ${a};", f"mov.b64 %wb, ${a + 1};", f"mov.b64 %vp, ${a + 2};", f"mov.b64 %xb, ${a + 3};",
-          f"mov.b32 %wi, ${a + 4};", f"add.s32 %wlast, ${a + 5}, -1;", f"mov.b32 %cnt, ${a + 6};",
-          f"mov.b32 %xtot, ${a + 7};"]
-    if smem:
-        o += ["mov.u32 %sb, flx_xs;", *_stage_x()]  # before any lane leaves: every thread of the program takes part in the barrier
-    o += ["mov.b32 %wn, 0;", "setp.lt.s32 %pc, %cnt, 1;", "@%pc bra DONE;",
-          "setp.lt.s32 %pn, %wi, %wlast;", "mad.wide.u32 %wa, %wi, 4, %wb;",
+    # Loop state as byte offsets, so each address is one 64-bit add (2 SASS) of a 32-bit offset:
+    #   cb = bytes of values left (2 * nonzeros left); the next value is at ve - cb (ve: end of the lane's run)
+    #   wo = byte offset of the current word in the row (4 * its index); wol = that of the row's last word
+    o += [f"mov.b32 %w, ${a};", f"mov.b64 %wb, ${a + 1};", f"mov.b64 %xb, ${a + 3};",
+          f"shl.b32 %wo, ${a + 4}, 2;", f"shl.b32 %wol, ${a + 5}, 2;", "add.s32 %wol, %wol, -4;",
+          f"shl.b32 %cb, ${a + 6}, 1;", f"mov.b32 %xtot, ${a + 7};", "cvt.u64.u32 %o64, %cb;",
+          f"add.s64 %ve, ${a + 2}, %o64;"]
+    if smem:  # before any lane leaves: every thread of the program takes part in the barrier
+        o += ["mov.u32 %sb, flx_xs;", *_stage_x()]
+    o += ["mov.b32 %wn, 0;", "setp.lt.s32 %pc, %cb, 1;", "@%pc bra DONE;",
+          "setp.lt.s32 %pn, %wo, %wol;", "cvt.u64.u32 %o64, %wo;", "add.s64 %wa, %wb, %o64;",
           "@%pn ld.global.nc.b32 %wn, [%wa+4];", "LOOP:"]
     x_address = (f"mad.lo.u32 %xs, %jj, {xbytes}, %sb;" if smem else f"mad.wide.u32 %xa, %jj, {xbytes}, %xb;")
     for u in range(UNROLL):
-        o += [f"setp.ne.b32 %pu{u}, %w, 0;", f"setp.gt.and.s32 %pu{u}, %cnt, 0, %pu{u};",
-              "neg.s32 %low, %w;", "and.b32 %low, %low, %w;", "bfind.u32 %j, %low;", "xor.b32 %w, %w, %low;",
-              f"@%pu{u} ld.global.nc.b16 %hv{u}, [%vp];", f"@%pu{u} add.s64 %vp, %vp, 2;",
-              f"@%pu{u} add.s32 %cnt, %cnt, -1;",
-              "mad.lo.u32 %jj, %wi, 32, %j;", x_address, _x_load(block_m, u, smem),
+        o += [f"setp.ne.b32 %pu{u}, %w, 0;"]  # a live round: a set bit left, and (after round 0) a value left
+        o += [f"setp.gt.and.s32 %pu{u}, %cb, 0, %pu{u};"] if u else []  # the loop is entered only with cb > 0
+        o += ["neg.s32 %low, %w;", "and.b32 %low, %low, %w;", "bfind.u32 %j, %low;", "xor.b32 %w, %w, %low;",
+              "cvt.u64.u32 %o64, %cb;", "sub.s64 %va, %ve, %o64;", f"@%pu{u} ld.global.nc.b16 %hv{u}, [%va];",
+              f"@%pu{u} add.s32 %cb, %cb, -2;",
+              "mad.lo.u32 %jj, %wo, 8, %j;", x_address, _x_load(block_m, u, smem),  # column 32 * (wo / 4) + j
               # word used up and nonzeros left: take the prefetched next word, prefetch the one after
-              "setp.eq.b32 %pa, %w, 0;", "setp.gt.and.s32 %pa, %cnt, 0, %pa;",
-              "@%pa mov.b32 %w, %wn;", "@%pa add.s32 %wi, %wi, 1;",
-              "setp.lt.and.s32 %pn, %wi, %wlast, %pa;", "mad.wide.u32 %wa, %wi, 4, %wb;",
+              "setp.eq.b32 %pa, %w, 0;", "setp.gt.and.s32 %pa, %cb, 0, %pa;",
+              "@%pa mov.b32 %w, %wn;", "@%pa add.s32 %wo, %wo, 4;",
+              "setp.lt.and.s32 %pn, %wo, %wol, %pa;", "cvt.u64.u32 %o64, %wo;", "add.s64 %wa, %wb, %o64;",
               "@%pn ld.global.nc.b32 %wn, [%wa+4];"]
     for u in range(UNROLL):  # FMAs last: the loads of every round of the iteration are in flight together
         o.append(f"cvt.f32.{ty} %fv{u}, %hv{u};")
@@ -100,7 +105,7 @@ def rowwalk_ptx(block_m: int, dtype: str, smem_bytes: int = 0) -> str:
             h = f"%xh{2 * u}" if block_m == 1 else f"%xh{u * block_m + t}"
             o += [f"cvt.f32.{ty} %xf{u * block_m + t}, {h};",
                   f"@%pu{u} fma.rn.f32 ${t}, %fv{u}, %xf{u * block_m + t}, ${t};"]
-    o += ["setp.gt.s32 %pc, %cnt, 0;", "@%pc bra LOOP;", "DONE:", "}"]
+    o += ["setp.gt.s32 %pc, %cb, 0;", "@%pc bra LOOP;", "DONE:", "}"]
     return "\n".join(o)
 
 
