@@ -54,9 +54,11 @@ class FlashLLMOptions:
                        through zero-preserving ops, e.g. down_proj's columns at gate_proj's zero rows in
                        silu(gate) * up (passes/propagate_structured_zeros.py).  Exact for finite activations (dense
                        math turns 0 * Inf into NaN, a dropped term does not).
-                       A fused op's dense fallback runs one GEMM per member weight in place; a sliced op's (and HF
-                       Conv1D siblings') dense weight is built in the graph on every call (index_select / torch.cat
-                       of the parameters), which release_dense_weights=True avoids.
+                       A fused op's dense fallback runs one GEMM per member weight in place; a sliced op's runs its
+                       full weight in place on the full input and keeps the sliced rows; HF Conv1D siblings' dense
+                       weight is built in the graph on every call (torch.cat of the parameters), which
+                       release_dense_weights=True avoids.  Measured on the H100 (benchmarks/RESULTS.md), slicing
+                       does not pay with these kernels (-7% per LLaMA-7B layer at M = 1: it blocks the SwiGLU fold).
     fuse_epilogues     fold the pointwise ops right after a rewritten linear into its op: the SwiGLU product
                        silu(gate) * up of fused gate/up siblings, an activation (silu, gelu, relu), a residual add;
                        computed in fp32 in the kernel's split-K epilogue (passes/fuse_epilogues.py).
