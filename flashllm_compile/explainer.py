@@ -205,7 +205,8 @@ def kernel_source(family: str) -> str:
     parts += [f"# the kernel, from codegen/kernels/bitmap_{family}.py", kernel_src]
     if family == "rowwalk":
         parts += ["# inline PTX of the walk on the GPU (codegen/kernels/rowwalk_ptx.py, BLOCK_M=1, fp16, K=4096, x staged)",
-                  "\n".join("# " + line for line in rowwalk_ptx.rowwalk_ptx(1, "float16", 8192).splitlines())]
+                  "\n".join("# " + line for line in rowwalk_ptx.rowwalk_ptx(
+                      1, "float16", module.walk_smem_bytes(4096 * 2)).splitlines())]
     return "\n\n".join(parts)
 
 

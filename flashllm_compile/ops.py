@@ -113,7 +113,7 @@ def sparse_linear(
         raise ValueError(f"flashllm '{name}': input has {x.shape[-1]} features, the weight expects {k}")
     fmt = BitmapWeight(bitmap, offsets, values, n, k, chunk_k)
     x_full = x.reshape(-1, k_full)  # [M, K_full]: what the dense fallback reads
-    x2d = x_full if in_cols is None else x_full.index_select(1, in_cols)  # [M, K]: what the sparse kernels read
+    m = x_full.shape[0]
     epi = _epilogue(epilogue, residual, x, n, name)  # None: plain linear
     n_out = epi.out_features(n) if epi is not None else n
     preference = KernelPreference(kernel)
@@ -123,31 +123,38 @@ def sparse_linear(
         raise RuntimeError(f"flashllm '{name}': kernel='triton' needs a CUDA input (or TRITON_INTERPRET=1) of "
                            f"dtype {values.dtype}; got {x.dtype} on {x.device}. Use kernel='auto' for fallbacks.")
     if preference is KernelPreference.EMULATED or (preference is KernelPreference.AUTO and not usable):
-        family, out = "emulated", F.linear(x2d, fmt.to_dense().to(x.dtype), bias if epi is None else None)
+        family, out = "emulated", F.linear(_kept_columns(x_full, in_cols), fmt.to_dense().to(x.dtype),
+                                           bias if epi is None else None)
         if epi is not None:
             out = apply_epilogue(out[None], bias, epi, x.dtype)
     elif preference is KernelPreference.DENSE:
         if dense is None:  # the Triton unpack pass on the GPU (to_dense's boolean indexing syncs the device)
             unpacked = unpack_weight(fmt) if x.is_cuda and values.dtype in KERNEL_DTYPES else fmt.to_dense()
-            family, out = "dense", _dense_linear(x2d, unpacked, bias, epi)
+            family, out = "dense", _dense_linear(_kept_columns(x_full, in_cols), unpacked, bias, epi)
         else:
             family, out = "dense", _dense_linear(x_full, dense, bias, epi, out_rows)
     else:
         allow_dense = preference is KernelPreference.AUTO and dense is not None
         settings = _runtime(runtime)
         if settings["deterministic"]:  # a choice that does not depend on timings (FlashLLMOptions.deterministic)
-            choice = untuned_choice(x2d.shape[0], allow_dense)
+            choice = untuned_choice(m, allow_dense)
         else:
-            choice = AUTOTUNER.choose(fmt, x2d.shape[0], dense, allow_dense=allow_dense,
+            choice = AUTOTUNER.choose(fmt, m, dense, allow_dense=allow_dense,
                                       tune=settings["autotune"] and not interpreting(),
                                       cache_dir=settings["cache_dir"])
         family = choice.family
         if family == "dense":
             out = _dense_linear(x_full, dense, bias, epi, out_rows)
         else:
-            out = LAUNCHERS[family](x2d, fmt, bias, choice.config, epi)
+            out = LAUNCHERS[family](_kept_columns(x_full, in_cols), fmt, bias, choice.config, epi)
     KERNEL_HITS[family] += 1
     return out.reshape(*x.shape[:-1], n_out)
+
+
+def _kept_columns(x2d: torch.Tensor, in_cols: torch.Tensor | None) -> torch.Tensor:
+    """What a sparse path reads: [M, K_full] -> x[:, in_cols] [M, K] for a sliced op (gathered only on the paths
+    that run the compressed weight, not when the dense fallback runs), else x itself."""
+    return x2d if in_cols is None else x2d.index_select(1, in_cols)
 
 
 def _epilogue(text: str | None, residual: torch.Tensor | None, x: torch.Tensor, n: int, name: str) -> Epilogue | None:

@@ -117,9 +117,9 @@ def _replace_node(graph: fx.Graph, node: fx.Node, new: fx.Node) -> None:
 
 
 def _needs_dense(match: LinearMatch, options: FlashLLMOptions) -> bool:
-    """Does a fused or sliced op get a dense fallback weight?  The graph builds that weight on every call
-    (torch.cat / index_select of the parameters: a copy of the weights), so only where the dense weights are
-    kept and the op may run it: kernel DENSE, or AUTO on CUDA."""
+    """Does a fused or sliced op get a dense fallback?  [N_i, K] members run in place (ops.py), but HF Conv1D
+    members' [N, K] weight is built by the graph on every call (torch.t / torch.cat of the parameters: a copy), so
+    only where the dense weights are kept and the op may run it: kernel DENSE, or AUTO on CUDA."""
     kernel = options.kernel
     return not options.release_dense_weights and (
         kernel is KernelPreference.DENSE or (kernel is KernelPreference.AUTO and match.weight.is_cuda))

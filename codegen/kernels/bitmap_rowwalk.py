@@ -14,8 +14,8 @@ before it are cleared.  One round of the walk:
     if w == 0 and cnt > 0: wi += 1; w = bitmap[row, wi]              next word = next address (row-major)
 On the GPU (fp16 / bf16) the loop is inline PTX (codegen/kernels/rowwalk_ptx.py): each lane stops after its own
 count, and xt is staged in shared memory when it fits (SMEM_X_MAX).  Elsewhere (the interpreter, fp32) a Triton
-loop runs max(cnt) rounds, then rounds until no lane is left (lanes that met empty words; rare below ~95%).  Activations come transposed, xt: [K, BLOCK_M], so one
-2..16-byte load fetches a column for every token.
+loop runs max(cnt) rounds, then rounds until no lane is left (lanes that met empty words; rare below ~95%).
+Activations come transposed, xt: [K, BLOCK_M], so one 2..16-byte load fetches a column for every token.
 """
 
 from __future__ import annotations
@@ -226,10 +226,11 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
     xt = transpose_tokens(x, config.block_m)  # [K, BLOCK_M]
     dtype = str(x.dtype).removeprefix("torch.")
     use_ptx = dtype in PTX_TYPES and not interpreting()
-    if use_ptx and xt.data_ptr() % 16:  # xt is staged in shared memory 16 bytes at a time
-        xt = xt.clone()
     x_bytes = xt.numel() * xt.element_size()
-    asm = rowwalk_ptx(config.block_m, dtype, walk_smem_bytes(x_bytes)) if use_ptx else ""
+    smem_bytes = walk_smem_bytes(x_bytes) if use_ptx else 0
+    if smem_bytes and xt.data_ptr() % 16:  # xt is staged in shared memory 16 bytes at a time
+        xt = xt.clone()
+    asm = rowwalk_ptx(config.block_m, dtype, smem_bytes) if use_ptx else ""
     grid = (triton.cdiv(fmt.n, config.block_n), split_k)
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
     _bitmap_rowwalk_kernel[grid](
