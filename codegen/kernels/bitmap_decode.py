@@ -57,15 +57,23 @@ def decode_bitmap_tile(
 @triton.jit
 def store_output(out_ptr, bias_ptr, res_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os,
                  HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """acc: fp32 [BLOCK_N, BLOCK_M] for weight rows `rows` and tokens `toks` -> out[toks, rows] =
-    act(acc + bias) + res[toks, rows] in the output dtype (res: [M, N], row stride stride_om); with PARTIALS
-    (split-K, or a GLU epilogue) the fp32 partial sums go to out[pid_s, toks, rows] instead, and the epilogue
-    kernel finishes them (codegen/kernels/epilogue.py)."""
-    out_mask = (rows[:, None] < N) & (toks[None, :] < M)
-    out_offs = pid_s * stride_os + toks[None, :] * stride_om + rows[:, None]
+    """acc: fp32 [BLOCK_N, BLOCK_M] for weight rows `rows` [BLOCK_N] and tokens `toks` [BLOCK_M]: store_elements."""
+    store_elements(out_ptr, bias_ptr, res_ptr, acc, rows[:, None], toks[None, :], pid_s, M, N, stride_om, stride_os,
+                   HAS_BIAS, PARTIALS, ACT, HAS_RESIDUAL)
+
+
+@triton.jit
+def store_elements(out_ptr, bias_ptr, res_ptr, acc, rows, toks, pid_s, M, N, stride_om, stride_os,
+                   HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """acc: fp32, element i for weight row rows[i] and token toks[i] (rows / toks broadcast against acc) ->
+    out[tok, row] = act(acc + bias[row]) + res[tok, row] in the output dtype (res: [M, N], row stride stride_om);
+    with PARTIALS (split-K, or a GLU epilogue) the fp32 partial sums go to out[pid_s, tok, row] instead, and the
+    epilogue kernel finishes them (codegen/kernels/epilogue.py)."""
+    out_mask = (rows < N) & (toks < M)
+    out_offs = pid_s * stride_os + toks * stride_om + rows
     if not PARTIALS:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         acc = apply_act(acc, ACT)
         if HAS_RESIDUAL:
             acc += tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(tl.float32)

@@ -72,11 +72,12 @@ def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig,
 
 def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None,
                          config: TileConfig, grid_m: int = 1, epilogue: Epilogue | None = None,
-                         **meta) -> torch.Tensor:
+                         prepare_x=None, **meta) -> torch.Tensor:
     """What every family's launcher does: check, allocate out ([M, N], or fp32 [S, M, N] partials for split-K or a
-    GLU epilogue), launch `kernel` on grid (row blocks, splits, grid_m), finish the partials.  x: [M, K] -> [M, N_out]."""
+    GLU epilogue), launch `kernel` on grid (row blocks, splits, grid_m), finish the partials.  x: [M, K] -> [M, N_out].
+    prepare_x (after the checks): the family's own copy of x (default: contiguous)."""
     check_launch(x, fmt, bias)
-    x = x.contiguous()
+    x = prepare_x(x) if prepare_x is not None else x.contiguous()
     m = x.shape[0]
     out, chunks_per_split, split_k = split_k_output(x, fmt, config, epilogue)
     partials = out.dim() == 3
