@@ -55,6 +55,7 @@ def _bitmap_smma_kernel(
     pid_m = tl.program_id(2)
     NT: tl.constexpr = BLOCK_M // 8
     # One element per thread, so the PTX runs once in every thread (checked on the compiled layout in the tests).
+    # The last input is the end of the values (offsets[C, N - 1] = nnz): copies never read past it.
     # The arange keeps the op a tensor op: with only uniform inputs Triton hoists it to a scalar and splats it.
     idx = tl.arange(0, BLOCK_N * 2)
     zero = idx * 0
@@ -63,7 +64,8 @@ def _bitmap_smma_kernel(
     args = [(bitmap_ptr + zero).to(tl.int64, bitcast=True), (offsets_ptr + zero).to(tl.int64, bitcast=True),
             (values_ptr + zero).to(tl.int64, bitcast=True), (x_ptr + zero).to(tl.int64, bitcast=True),
             zero + pid_n * BLOCK_N, zero + N, zero + num_chunks * (CHUNK_K // 32), zero + c0, zero + c1,
-            zero + pid_m * BLOCK_M, zero + M, zero + stride_xm, idx]
+            zero + pid_m * BLOCK_M, zero + M, zero + stride_xm, idx,
+            (values_ptr + tl.load(offsets_ptr + num_chunks * N + N - 1) + zero).to(tl.int64, bitcast=True)]
     outs = tl.inline_asm_elementwise(ASM, CONSTRAINTS, args, dtype=(tl.float32,) * (4 * NT) + (tl.int32,),
                                      is_pure=True, pack=1)
     tid = outs[4 * NT]

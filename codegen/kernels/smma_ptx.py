@@ -64,12 +64,15 @@ def _thread_run(w: list[str], off: str) -> list[str]:
 
 
 def _stage_run(stage: str) -> list[str]:
-    """cp.async the thread's run (from _thread_run) into its stage: the 16-byte blocks covering it (<= 9)."""
+    """cp.async the thread's run (from _thread_run) into its stage: the 16-byte blocks covering it (<= 9).  The last
+    block of the values array may end past the allocation: each copy reads at most the bytes left before %ve (the
+    end of the values; the rest of its 16 bytes is zero-filled)."""
     o = ["mad.wide.u32 %va, %st, 2, %vp;", "and.b64 %va, %va, -16;", "shl.b32 %t2, %cnt, 1;",
-         "add.u32 %t2, %t2, %mis;", "setp.ne.u32 %p1, %cnt, 0;"]
-    for i in range(STAGE_BYTES // 16):
-        o += [f"setp.gt.and.u32 %pc, %t2, {16 * i}, %p1;",
-              f"@%pc cp.async.ca.shared.global [{stage}+{16 * i}], [%va+{16 * i}], 16;"]
+         "add.u32 %t2, %t2, %mis;", "setp.ne.u32 %p1, %cnt, 0;", "sub.s64 %o64, %ve, %va;",
+         f"min.u64 %o64, %o64, {STAGE_BYTES};", "cvt.u32.u64 %rem, %o64;"]
+    for i in range(STAGE_BYTES // 16):  # a needed block starts before the run's end, so before %ve: 0 < size
+        o += [f"setp.gt.and.u32 %pc, %t2, {16 * i}, %p1;", f"sub.u32 %sz, %rem, {16 * i};", "min.u32 %sz, %sz, 16;",
+              f"@%pc cp.async.ca.shared.global [{stage}+{16 * i}], [%va+{16 * i}], 16, %sz;"]
     return o
 
 
@@ -113,7 +116,7 @@ def smma_ptx(block_n: int, nt: int, dtype: str) -> str:
     threads = THREADS_PER_ROW * block_n
     acc = 4 * nt
     # operands: $0..$acc-1 accumulators, $acc tid, then the inputs
-    bm, op, vp, xp, n0, nn, kw, c0, c1, t0, mm, sx = (f"${acc + 1 + i}" for i in range(12))
+    bm, op, vp, xp, n0, nn, kw, c0, c1, t0, mm, sx, _, ve = (f"${acc + 1 + i}" for i in range(14))
     wa, wb, wc = ([f"%{p}w{i}" for i in range(4)] for p in "abc")  # words of chunks c, c + 1, c + 2
     xtile = 8 * nt * ROW_BYTES  # x chunk [8 NT tokens, 128] in shared memory
     pieces = 8 * nt * (SMMA_CHUNK_K * 2 // 16) // threads  # 16-byte pieces of the x chunk per thread
@@ -124,10 +127,10 @@ def smma_ptx(block_n: int, nt: int, dtype: str) -> str:
          ".reg .b32 %st, %cnt, %mis, %vlo, %stg, %lb, %la, %sbuf, %aoff, %boff, %coff, %wa, %wb, %tok, %a<4>, %e<4>;",
          ".reg .b32 " + ", ".join(wa + wb + wc) + ";", ".reg .b16 %h<4>;",
          ".reg .b32 %xs, %xd, %xl, %xbuf, %b<4>;",
-         ".reg .b64 %va, %vp, %bp, %opp, %o64, %n4, " + ", ".join(f"%x{i}" for i in range(pieces)) + ";"]
+         ".reg .b32 %rem, %sz;", ".reg .b64 %va, %vp, %ve, %bp, %opp, %o64, %n4, " + ", ".join(f"%x{i}" for i in range(pieces)) + ";"]
     o += [f"mov.f32 ${i}, 0f00000000;" for i in range(acc)]
     o += ["mov.u32 %th, %tid.x;", f"mov.u32 ${acc}, %th;", "and.b32 %lane, %th, 31;", "shr.u32 %warp, %th, 5;",
-          f"mov.b64 %vp, {vp};", "cvt.u32.u64 %vlo, %vp;", "mov.b32 %z, 0;", "mov.u32 %sw, flx_w;",
+          f"mov.b64 %vp, {vp};", f"mov.b64 %ve, {ve};", "cvt.u32.u64 %vlo, %vp;", "mov.b32 %z, 0;", "mov.u32 %sw, flx_w;",
           "mov.u32 %stg, flx_v;", f"mad.lo.u32 %stg, %th, {STAGE_STRIDE}, %stg;",
           # scatter role: row r = tid / 2 of the tile (global row n), half h = tid % 2
           "shr.u32 %r, %th, 1;", "and.b32 %h, %th, 1;", f"add.u32 %n, {n0}, %r;", f"setp.lt.u32 %prow, %n, {nn};",
@@ -204,5 +207,6 @@ def smma_ptx(block_n: int, nt: int, dtype: str) -> str:
 
 def smma_constraints(nt: int) -> str:
     """LLVM constraints: 4 * NT fp32 accumulators, tid; then bitmap, offsets, values, x (u64), first row, N, words
-    per row, first chunk, end chunk, first token, M, x row stride, element index (u32; unused by the PTX)."""
-    return ",".join(["=f"] * (4 * nt) + ["=r"] + ["l"] * 4 + ["r"] * 9)
+    per row, first chunk, end chunk, first token, M, x row stride, element index (u32; unused by the PTX), end of the
+    values (u64)."""
+    return ",".join(["=f"] * (4 * nt) + ["=r"] + ["l"] * 4 + ["r"] * 9 + ["l"])
