@@ -80,7 +80,7 @@ def _bitmap_smma_kernel(
 def bitmap_smma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig,
                 epilogue: Epilogue | None = None) -> torch.Tensor:
     """x: [M, K] -> [M, N] (N_out with an epilogue) with the scatter + tensor-core kernel.  x is padded to whole
-    chunks (the PTX reads 128 columns a chunk, unmasked) and kept 4-byte aligned (32-bit loads)."""
+    chunks and kept 16-byte aligned (_whole_chunks)."""
     if not smma_supported(x, fmt):
         raise RuntimeError("the smma kernel needs a CUDA fp16/bf16 x, chunk_k=128 and a 16-byte aligned bitmap "
                            f"(got {x.device} {x.dtype}, chunk_k={fmt.chunk_k})")
@@ -92,8 +92,8 @@ def bitmap_smma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
 
 
 def _whole_chunks(x: torch.Tensor, fmt: BitmapWeight) -> torch.Tensor:
-    """x: [M, K] -> [M, C * 128] row-major, 16-byte aligned: the PTX reads whole chunks with unmasked 32-bit loads
-    (columns past K are zero, as are the weight's), and copies them 16 bytes at a time."""
+    """x: [M, K] -> [M, C * 128] row-major, 16-byte aligned: the PTX copies whole chunks of x into shared memory with
+    unmasked 16-byte cp.async (columns past K are zero, as are the weight's)."""
     padded = fmt.num_chunks * SMMA_CHUNK_K
     if padded != fmt.k:
         return F.pad(x, (0, padded - fmt.k))

@@ -39,8 +39,9 @@ ROW_BYTES = 2 * SMMA_CHUNK_K + 16  # a tile row in shared memory, padded 16 byte
 
 
 STAGE_BYTES = 144  # one thread's run of values for one chunk: <= 64 values (128 B) from a 16-byte aligned start
-# A thread's two stages, padded so that neighbouring threads' stages start 12 banks apart (304 B = 76 words): at
-# 2 * 144 = 72 words they started 8 banks apart, 4 bases for a warp, and the scatter's 16-bit reads conflicted more.
+# A thread's two stages, padded so that neighbouring threads' stages start 12 banks apart (304 B = 76 words) instead
+# of 8 (288 B, 4 bases a warp).  Measured no faster on the H100 (RESULTS.md idea 16, v5): the scatter's stores, not
+# these reads, dominate the bank conflicts.
 STAGE_STRIDE = 2 * STAGE_BYTES + 16
 THREADS_PER_ROW = 2  # a thread owns 2 of a tile row's 4 bitmap words
 
