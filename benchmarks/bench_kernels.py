@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py                       # LLaMA-7B shapes, M 1..64, sparsity 50..90%
     python benchmarks/bench_kernels.py --models llama70b opt66b --m 1 16 --sparsity 0.8
 
-Per (shape, sparsity, M): the autotuner's best sparse kernel (rowwalk / mma, tile config measured with
+Per (shape, sparsity, M): the autotuner's best sparse kernel (rowwalk / fmma / smma / mma / unpack, tile config measured with
 do_bench, L2 flushed) and the references, each timed as CUDA-graph replays over ROTATIONS weight copies so
 weights stream from HBM: cuBLAS F.linear on the same pruned weight, cuSPARSE CSR (torch.sparse), and 2:4
 semi-structured sparsity (cuSPARSELt) on a 2:4-pruned weight at 50%.  Also the bytes floor (our format's bytes

@@ -24,6 +24,7 @@ import torch
 import triton
 
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.kernels.bitmap_fmma import bitmap_fmma, get_bitmap_fmma_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import ROWWALK_MAX_M, bitmap_rowwalk, get_bitmap_rowwalk_configs
 from flashllm_compile.codegen.kernels.bitmap_smma import bitmap_smma, get_bitmap_smma_configs
@@ -32,13 +33,14 @@ from flashllm_compile.codegen.kernels.common import TileConfig
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = {"mma": bitmap_mma, "rowwalk": bitmap_rowwalk, "smma": bitmap_smma, "unpack": bitmap_unpack}
-GPU_ONLY_FAMILIES = frozenset({"smma"})  # whole programs in inline PTX: no interpreter path, fp16 / bf16 only
+LAUNCHERS = {"fmma": bitmap_fmma, "mma": bitmap_mma, "rowwalk": bitmap_rowwalk, "smma": bitmap_smma, "unpack": bitmap_unpack}
+GPU_ONLY_FAMILIES = frozenset({"fmma", "smma"})  # whole programs in inline PTX: no interpreter path, fp16 / bf16 only
 
 
 def candidate_configs(m: int) -> list[TileConfig]:
     """Every sparse config worth timing for M tokens, all families."""
-    return (get_bitmap_rowwalk_configs(m) + get_bitmap_smma_configs(m) + get_bitmap_mma_configs(m)
+    return (get_bitmap_rowwalk_configs(m) + get_bitmap_fmma_configs(m) + get_bitmap_smma_configs(m)
+            + get_bitmap_mma_configs(m)
             + get_bitmap_unpack_configs(m))
 DENSITY_STEP = 0.05  # densities within one step share a tuning result
 MAX_M_BUCKET = 4096  # larger M reuses the 4096 decision

@@ -22,7 +22,7 @@ import torch
 from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.report import LinearDecision, decision_table, record_decisions
 
-FAMILIES = ("rowwalk", "smma", "mma", "unpack")  # Triton kernel families, in the order they are shown
+FAMILIES = ("rowwalk", "fmma", "smma", "mma", "unpack")  # Triton kernel families, in the order they are shown
 
 
 @dataclass
@@ -179,10 +179,11 @@ def _device_functions(module) -> dict[str, object]:
 def kernel_source(family: str) -> str:
     """The Triton source of one kernel family: the @triton.jit kernel plus every device function it calls, directly
     or through each other (its own module's, codegen/kernels/bitmap_decode.py's, epilogue.py's), and for the row
-    walk the inline PTX of its inner loop (BLOCK_M = 1, fp16), for smma the PTX program body (BLOCK_M = 16, fp16)."""
+    walk the inline PTX of its inner loop (BLOCK_M = 1, fp16), for fmma and smma the PTX program body (BLOCK_M = 16,
+    fp16)."""
     import importlib
 
-    from flashllm_compile.codegen.kernels import bitmap_decode, epilogue, rowwalk_ptx, smma_ptx
+    from flashllm_compile.codegen.kernels import bitmap_decode, epilogue, fmma_ptx, rowwalk_ptx, smma_ptx
 
     module = importlib.import_module(f"flashllm_compile.codegen.kernels.bitmap_{family}")
     kernel_src = _jit_source(getattr(module, f"_bitmap_{family}_kernel"))
@@ -207,6 +208,9 @@ def kernel_source(family: str) -> str:
         parts += ["# inline PTX of the walk on the GPU (codegen/kernels/rowwalk_ptx.py, BLOCK_M=1, fp16, K=4096, x staged)",
                   "\n".join("# " + line for line in rowwalk_ptx.rowwalk_ptx(
                       1, "float16", module.walk_smem_bytes(4096 * 2)).splitlines())]
+    if family == "fmma":
+        parts += ["# inline PTX of the program on the GPU (codegen/kernels/fmma_ptx.py, 2 warps, BLOCK_M=16, fp16)",
+                  "\n".join("# " + line for line in fmma_ptx.fmma_ptx(2, 2, "float16").splitlines())]
     if family == "smma":
         parts += ["# inline PTX of the program on the GPU (codegen/kernels/smma_ptx.py, BLOCK_N=32, BLOCK_M=16, fp16)",
                   "\n".join("# " + line for line in smma_ptx.smma_ptx(32, 2, "float16").splitlines())]

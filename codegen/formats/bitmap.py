@@ -6,7 +6,8 @@ CHUNK_K columns (K padded with zero columns up to a multiple of CHUNK_K), KW = C
     bitmap  int32 [N, KW]      bit j of word w of row n <=> W[n, 32*w + j] != 0
     offsets int32 [C + 1, N]   offsets[c, n] = index in `values` of row n's first nonzero at column >= c*CHUNK_K
                                (offsets[C, n] = the end of row n)
-    values  dtype [nnz]        the nonzeros, in (row, column) order
+    values  dtype [nnz]        the nonzeros, in (row, column) order; `from_dense` leaves VALUES_TAIL zero elements
+                               allocated after them (a view of a longer buffer), so 16-byte copies may overrun it
 
 Why row-major: a bit-walking kernel lane follows one row through a long run of K with no jumps (next word
 = next address, next value = next address), which keeps its loop short and its work balanced.  The chunk
@@ -23,6 +24,12 @@ import torch
 
 WORD_BITS = 32
 DEFAULT_CHUNK_K = 128
+VALUES_TAIL = 8  # zero elements allocated after the values: the fmma kernel's 16-byte copies need no bounds checks
+
+
+def values_slack_bytes(values: torch.Tensor) -> int:
+    """Bytes of the values' storage after their last element (kernels that copy 16-byte blocks check this)."""
+    return values.untyped_storage().nbytes() - (values.storage_offset() + values.numel()) * values.element_size()
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ class BitmapWeight:
         num_chunks = max(1, -(-k // chunk_k))
         w = torch.nn.functional.pad(w, (0, num_chunks * chunk_k - k))  # [N, C*CK]
         mask = w != 0
-        values = w[mask].contiguous()  # boolean indexing yields (row, column) order
+        nonzeros = w[mask]  # boolean indexing yields (row, column) order
+        values = torch.cat([nonzeros, nonzeros.new_zeros(VALUES_TAIL)])[: nonzeros.numel()]
 
         counts = mask.view(n, num_chunks, chunk_k).sum(dim=2, dtype=torch.int32)  # [N, C]
         ends = counts.flatten().cumsum(0, dtype=torch.int32).view(n, num_chunks)  # end of (row, chunk)

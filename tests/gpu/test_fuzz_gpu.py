@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the CPU fuzz test's helpers
 from test_fuzz import DTYPES, FUZZ, PATTERNS, run_case
 
-from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
+from flashllm_compile.codegen.autotune import GPU_ONLY_FAMILIES, LAUNCHERS, candidate_configs
 
 pytestmark = [
     pytest.mark.usefixtures("poison_outputs"),  # tests/conftest.py
@@ -44,7 +44,7 @@ def gpu_cases(draw, family: str):
     else:
         n = draw(st.one_of(st.sampled_from(ODD + [50257]), st.integers(1, 8192)))
         k = draw(st.one_of(st.sampled_from(ODD), st.integers(1, 8192)))
-    smma = family == "smma"  # its PTX handles 128-column chunks of 16-bit values only
+    smma = family in GPU_ONLY_FAMILIES  # their PTX handles 128-column chunks of 16-bit values only
     return {
         "m": m, "n": n, "k": k,
         "config": draw(st.sampled_from([c for c in candidate_configs(m) if c.family == family])),

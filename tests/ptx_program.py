@@ -1,0 +1,78 @@
+"""Build one PTX-program kernel family (smma, fmma: the whole program body is inline PTX inside
+bitmap_smma's Triton kernel) for sm_90 with Triton + ptxas, no GPU needed, and report what the GPU would run.
+
+The compile runs in a child process: under TRITON_INTERPRET=1 (set by conftest.py) @triton.jit makes interpreter
+objects.  Used by tests/test_smma_ptx.py and tests/test_fmma_ptx.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = r'''
+import json, re, subprocess, sys
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from flashllm_compile.codegen.kernels.bitmap_smma import _bitmap_smma_kernel
+from flashllm_compile.codegen.kernels.fmma_ptx import fmma_ptx
+from flashllm_compile.codegen.kernels.smma_ptx import smma_constraints, smma_ptx
+
+family, block_n, block_m, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+partials, bounded, x_shared, workdir = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1", Path(sys.argv[8])
+nt = block_m // 8
+asm = smma_ptx(block_n, nt, dtype) if family == "smma" else fmma_ptx(block_n // 16, nt, dtype, bounded, x_shared)
+ty = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+signature = {"x_ptr": f"*{ty}", "bitmap_ptr": "*i32", "offsets_ptr": "*i32", "values_ptr": f"*{ty}",
+             "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "out_ptr": "*fp32" if partials else f"*{ty}", "M": "i32",
+             "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_os": "i32",
+             "chunks_per_split": "i32", "num_chunks": "i32"}
+constants = {"HAS_BIAS": not partials, "PARTIALS": partials, "ACT": 0 if partials else 1,
+             "HAS_RESIDUAL": not partials, "CHUNK_K": 128, "BLOCK_N": block_n, "BLOCK_M": block_m, "HW_POPC": True,
+             "ASM": asm, "CONSTRAINTS": smma_constraints(nt)}
+signature.update({name: "constexpr" for name in constants})
+kernel = triton.compile(ASTSource(_bitmap_smma_kernel, signature, constexprs=constants),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": block_n // 16, "num_stages": 1})
+ttgir = kernel.asm["ttgir"]
+asm_line = next(line for line in ttgir.splitlines() if "elementwise_inline_asm" in line)
+layout = re.search(r"tensor<(\d+)xi32, (#\w+)>", asm_line.split("->")[0])
+layout_def = next(line for line in ttgir.splitlines() if line.startswith(layout.group(2) + " ="))
+result = {"elements": int(layout.group(1)), "layout": layout_def,
+          "shared": sum(int(n) for n in re.findall(r"\.shared \.align 16 \.b8 fl\w+\[(\d+)\]", kernel.asm["ptx"]))}
+nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+if nvdisasm.exists():
+    (workdir / "program.cubin").write_bytes(kernel.asm["cubin"])
+    sass = subprocess.run([str(nvdisasm), "-c", str(workdir / "program.cubin")], capture_output=True, text=True,
+                          check=True).stdout
+    result["spills"] = bool(re.search(r"\b(LDL|STL)\b", sass))
+    for op in ("LDGSTS", "LDSM", "PRMT", "POPC", "BAR.SYNC", "LDS.128"):
+        result[op] = len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
+    result["HMMA"] = len(re.findall(r"\bHMMA\.16816\.F32", sass))
+print(json.dumps(result))
+'''
+
+
+def compile_program(family: str, block_n: int, block_m: int, dtype: str, partials: bool, tmp_path,
+                    bounded: bool = True, x_shared: bool = True) -> dict:
+    """The child's report (elements / layout of the tensor the PTX runs on, static shared bytes, and from the SASS:
+    spills and instruction counts); skips when this Triton build has no ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    args = [family, block_n, block_m, dtype, int(partials), int(bounded), int(x_shared), tmp_path]
+    child = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], check=False, env=env,
+                           capture_output=True, text=True, timeout=300)
+    if child.returncode and "ptxas" in child.stderr and "not found" in child.stderr.lower():
+        pytest.skip("this Triton build has no ptxas")
+    assert child.returncode == 0, child.stderr[-3000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def assert_one_element_per_thread(result: dict, warps: int) -> None:
+    """The PTX has barriers and per-lane roles: it must run exactly once in every thread of the program."""
+    assert result["elements"] == 32 * warps and "sizePerThread = [1]" in result["layout"], result
+    assert f"warpsPerCTA = [{warps}]" in result["layout"], result

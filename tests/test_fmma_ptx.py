@@ -1,0 +1,100 @@
+"""The fragment-decode tensor-core kernel (fmma) is a whole program in inline PTX, so the interpreter cannot run it.
+CI checks it two ways without a GPU:
+  - a bit-exact Python model of its decode (the same tables, byte permutes, funnel shifts and predicated window
+    loads as the PTX, with never-loaded words poisoned) rebuilds every weight tile from the compressed format;
+  - Triton + ptxas build it for sm_90: no spills, cp.async / tensor-core MMAs / shared-memory barriers as designed,
+    the static shared-memory cap, one element per thread.
+Correctness against F.linear runs on the GPU (tests/gpu, every family fuzzed)."""
+
+import numpy as np
+import pytest
+import torch
+from ptx_program import assert_one_element_per_thread, compile_program
+
+from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.kernels.fmma_ptx import SHIFT_TABLE, TABLE_HI, TABLE_LO
+
+POISON = 0xDEADBEEF  # what a register holds when its window word was not loaded
+
+
+def prmt(a: int, b: int, c: int) -> int:
+    src = (a | b << 32).to_bytes(8, "little")
+    out = 0
+    for i in range(4):
+        nib = c >> 4 * i & 0xF
+        byte = src[nib & 7]
+        out |= ((0xFF if byte & 0x80 else 0) if nib & 8 else byte) << 8 * i
+    return out
+
+
+def shf_r(lo: int, hi: int, amount: int) -> int:
+    return (hi << 32 | lo) >> amount & 0xFFFFFFFF
+
+
+def decode_thread(word: int, run: bytes, first: int, s: int) -> tuple[int, int]:
+    """The PTX's k-step s for one thread and row: (a01, a23) fragment registers.  `run` is the row's staged values
+    as bytes, `first` the byte address of the thread's first value in it."""
+    a = first + 2 * bin(word & ((1 << 4 * s) - 1)).count("1")
+    end = first + 2 * bin(word & ((1 << 4 * s + 4) - 1)).count("1")
+    a4 = a & -4
+    loaded = (end > a, end - a4 > 4, end - a4 > 8)
+    v = [int.from_bytes(run[a4 + 4 * j: a4 + 4 * j + 4].ljust(4, b"\0"), "little") if loaded[j] else POISON
+         for j in range(3)]
+    lo, hi = shf_r(v[0], v[1], (a << 3) & 31), shf_r(v[1], v[2], (a << 3) & 31)
+    i01, i23 = word >> 4 * s & 3, word >> 4 * s + 2 & 3
+    a01 = prmt(lo, 0, prmt(TABLE_LO, TABLE_HI, i01 * 34 + 16))
+    lo = shf_r(lo, hi, min(prmt(SHIFT_TABLE, 0, i01), 32))
+    return a01, prmt(lo, 0, prmt(TABLE_LO, TABLE_HI, i23 * 34 + 16))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, 0.97, 1.0])
+def test_decode_model_rebuilds_every_tile(sparsity):
+    n, k = 16, 256  # one warp's rows, two chunks
+    weight = torch.randn(n, k, dtype=torch.float16)
+    weight[torch.rand(n, k) < sparsity] = 0
+    fmt = BitmapWeight.from_dense(weight)
+    words = fmt.bitmap.numpy().view(np.uint32)
+    values = fmt.values.view(torch.int16).numpy().tobytes()
+    rebuilt = np.zeros((n, k), dtype=np.uint16)
+    for chunk in range(fmt.num_chunks):
+        for row in range(n):
+            start = int(fmt.offsets[chunk, row])
+            mis = 2 * start % 16  # the stage starts at the 16-byte block holding the run's first value
+            run = values[2 * start - mis: 2 * start - mis + 272]
+            for t in range(4):  # the thread that owns word t of this row
+                word = int(words[row, 4 * chunk + t])
+                first = mis + 2 * sum(bin(int(words[row, 4 * chunk + j])).count("1") for j in range(t))
+                for s in range(8):  # fragment slots (2t, 2t+1) / (2t+8, 2t+9) hold columns 32 t + 4 s + 0..3
+                    a01, a23 = decode_thread(word, run, first, s)
+                    col = 128 * chunk + 32 * t + 4 * s
+                    rebuilt[row, col:col + 4] = [a01 & 0xFFFF, a01 >> 16, a23 & 0xFFFF, a23 >> 16]
+    assert np.array_equal(rebuilt, weight.view(torch.int16).numpy().view(np.uint16))
+
+
+@pytest.mark.parametrize("warps, block_m, dtype, partials, bounded, x_shared", [
+    (2, 8, "float16", False, False, False), (4, 16, "bfloat16", True, False, True), (2, 32, "float16", True, True, True)])
+def test_fmma_compiles_for_sm90(warps, block_m, dtype, partials, bounded, x_shared, tmp_path):
+    from flashllm_compile.codegen.kernels.fmma_ptx import STATIC_SMEM_MAX, fmma_smem_bytes
+
+    result = compile_program("fmma", 16 * warps, block_m, dtype, partials, tmp_path, bounded, x_shared)
+    assert_one_element_per_thread(result, warps)
+    assert result["shared"] == fmma_smem_bytes(warps, block_m // 8, x_shared) <= STATIC_SMEM_MAX
+    if "spills" in result:
+        assert not result["spills"], "the fmma program spills registers to local memory"
+        assert result["LDGSTS"] and result["PRMT"] >= 64  # value copies; 4 permutes per row and k-step
+        assert result["HMMA"] == 8 * block_m // 8  # 8 k-steps per chunk, one MMA per 8-token tile
+        assert (result["BAR.SYNC"] > 0) == x_shared  # only a shared x chunk needs a block barrier
+        assert (result["LDS.128"] > 0) == x_shared
+
+
+def test_fmma_is_offered_only_where_it_can_run():
+    from flashllm_compile.codegen.autotune import GPU_ONLY_FAMILIES, candidate_configs
+    from flashllm_compile.codegen.kernels.bitmap_fmma import FMMA_MAX_M, bitmap_fmma, get_bitmap_fmma_configs
+    from flashllm_compile.codegen.kernels.common import TileConfig
+
+    assert "fmma" in GPU_ONLY_FAMILIES
+    assert not any(c.family == "fmma" for m in (1, 8, 16, 64) for c in candidate_configs(m))  # the interpreter
+    assert get_bitmap_fmma_configs(FMMA_MAX_M + 1) == []
+    fmt = BitmapWeight.from_dense(torch.randn(8, 128, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="fmma kernel needs a CUDA"):
+        bitmap_fmma(torch.randn(2, 128, dtype=torch.float16), fmt, None, TileConfig("fmma", 32, 8, 1, 2, 2))
