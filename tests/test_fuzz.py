@@ -117,7 +117,14 @@ def run_case(case: dict, device: str = DEVICE) -> None:
     fmt = BitmapWeight.from_dense(w, case["chunk_k"])
     assert torch.equal(fmt.to_dense(), w)
     config = case["config"]
-    check_against_dense(LAUNCHERS[config.family](x, fmt, b, config), x, w, b)
+    y = LAUNCHERS[config.family](x, fmt, b, config)
+    if config.family == "unpack":
+        # unpack is F.linear (cuBLAS) on the expanded weight: it must match the dense op on the same weight.  Its
+        # error against fp32 is cuBLAS's own, which for bf16 (reduced-precision split-K reductions, torch's
+        # default) can exceed the per-element bound below (H100: 2% on one element of a K=1023 product)
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))  # dtype-default tolerances
+        return
+    check_against_dense(y, x, w, b)
 
 
 def max_m_of(family: str, limit: int = 64) -> int:
