@@ -57,8 +57,10 @@ class FlashLLMOptions:
                        A fused op's dense fallback runs one GEMM per member weight in place; a sliced op's runs its
                        full weight in place on the full input and keeps the sliced rows; HF Conv1D siblings' dense
                        weight is built in the graph on every call (torch.cat of the parameters), which
-                       release_dense_weights=True avoids.  Measured on the H100 (benchmarks/RESULTS.md), slicing
-                       does not pay with these kernels (-7% per LLaMA-7B layer at M = 1: it blocks the SwiGLU fold).
+                       release_dense_weights=True avoids.  Measured on the H100 (benchmarks/RESULTS.md, sixth
+                       session) per LLaMA-7B layer with 25% / 50% of the MLP channels zeroed: +2.6% / +15.6% at
+                       M = 16, -2.4% / -3.4% at M = 1 (there the row walk already skips zeros, and slicing blocks
+                       the SwiGLU fold).
     fuse_epilogues     fold the pointwise ops right after a rewritten linear into its op: the SwiGLU product
                        silu(gate) * up of fused gate/up siblings, an activation (silu, gelu, relu), a residual add;
                        computed in fp32 in the kernel's split-K epilogue (passes/fuse_epilogues.py).
