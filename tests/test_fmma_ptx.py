@@ -34,8 +34,8 @@ def shf_r(lo: int, hi: int, amount: int) -> int:
 def decode_thread(word: int, run: bytes, first: int, s: int) -> tuple[int, int]:
     """The PTX's k-step s for one thread and row: (a01, a23) fragment registers.  `run` is the row's staged values
     as bytes, `first` the byte address of the thread's first value in it."""
-    a = first + 2 * bin(word & ((1 << 4 * s) - 1)).count("1")
-    end = first + 2 * bin(word & ((1 << 4 * s + 4) - 1)).count("1")
+    a = first + 2 * (word & ((1 << 4 * s) - 1)).bit_count()
+    end = first + 2 * (word & ((1 << 4 * s + 4) - 1)).bit_count()
     a4 = a & -4
     loaded = (end > a, end - a4 > 4, end - a4 > 8)
     v = [int.from_bytes(run[a4 + 4 * j: a4 + 4 * j + 4].ljust(4, b"\0"), "little") if loaded[j] else POISON
@@ -63,7 +63,7 @@ def test_decode_model_rebuilds_every_tile(sparsity):
             run = values[2 * start - mis: 2 * start - mis + 272]
             for t in range(4):  # the thread that owns word t of this row
                 word = int(words[row, 4 * chunk + t])
-                first = mis + 2 * sum(bin(int(words[row, 4 * chunk + j])).count("1") for j in range(t))
+                first = mis + 2 * sum(int(words[row, 4 * chunk + j]).bit_count() for j in range(t))
                 for s in range(8):  # fragment slots (2t, 2t+1) / (2t+8, 2t+9) hold columns 32 t + 4 s + 0..3
                     a01, a23 = decode_thread(word, run, first, s)
                     col = 128 * chunk + 32 * t + 4 * s

@@ -11,15 +11,20 @@ Per 128-column chunk, thread (g = lane / 4, t = lane % 4) of a warp uses k-step 
 owns bitmap word t of its two rows (g and g + 8) for the whole chunk, one nibble a k-step, and its B fragment is 8
 consecutive x values per two k-steps (one 16-byte load).
 
-Per chunk c (one warp, rows r0 .. r0 + 15; warps share nothing, so only warp barriers):
+Per chunk c (one warp, rows r0 .. r0 + 15):
   stage     the 4 threads of a row cp.async the 16-byte blocks covering the row's run of chunk c + 1's nonzeros into
-            the row's slot of the warp's other stage buffer (coalesced; values stream once, .cg skips L1).
+            the row's slot of the warp's other stage buffer (coalesced; values stream once, .cg skips L1); with
+            x_smem the program's threads also copy x chunk c + 1 into the other x buffer.
   decode    per k-step and row: r = popcount of the word's bits below the nibble (the nibble's first value is value r
-            of the thread's run), three 32-bit shared loads and two funnel shifts give the 4 values from r on; the
-            nibble's low two bits pick, through a 4-entry permute table, which of them go to the slots of columns
-            +0 / +1 (zero where the bit is clear); the high two bits do the same for +2 / +3 from value
-            r + popcount(low two bits).  ~23 instructions per 4 columns of one row: no work per nonzero at all.
-  mma       per 8-token tile one mma.m16n8k16 per k-step, B loaded from global memory (x is small and stays in L1/L2).
+            of the thread's run); three 32-bit shared loads, each only in the lanes whose values reach that word,
+            and two funnel shifts give the 4 values from r on; the nibble's low two bits pick, through a 4-entry
+            permute table, which of them go to the slots of columns +0 / +1 (zero where the bit is clear); the high
+            two bits do the same for +2 / +3 from value r + popcount(low two bits) (a byte of a second table).
+            ~27 instructions per 4 columns of one row, whatever the sparsity, and shared by every 8-token tile.
+  mma       per 8-token tile one mma.m16n8k16 per k-step; B from the staged x chunk (one barrier a chunk) or from
+            global memory (no barrier; pays only for one tile: the tuner picks, TileConfig.num_stages).
+Where it stands (H100, benchmarks/RESULTS.md idea 17): 1.1-1.3x cuBLAS at M = 8..16 from 70% sparsity, ~1.0 at 50%;
+bound by instruction issue and latency (ncu: 59% of issue slots busy, ~9 lane-instructions per dense element).
 Accumulator q of n-tile i (q = 0..3) is row 16 w + lane / 4 + 8 (q / 2), token 8 i + 2 (lane % 4) + q % 2 (the same
 mapping as smma: the Triton kernel around it is bitmap_smma's).
 """
@@ -162,7 +167,7 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
           "setp.ge.u32 %pt1, %t, 1;", "setp.ge.u32 %pt2, %t, 2;", "setp.ge.u32 %pt3, %t, 3;",
           f"mov.b64 %vp, {vp};", f"mov.b64 %ve, {ve};",
           # rows nA = n0 + 16 warp + g and nA + 8; their slots g and 8 + g of the warp's stage
-          f"mad.lo.u32 %nA, %warp, 16, %g;", f"add.u32 %nA, %nA, {n0};", f"setp.lt.u32 %pA, %nA, {nn};",
+          "mad.lo.u32 %nA, %warp, 16, %g;", f"add.u32 %nA, %nA, {n0};", f"setp.lt.u32 %pA, %nA, {nn};",
           "add.u32 %tok, %nA, 8;", f"setp.lt.u32 %pB, %tok, {nn};",
           "mov.u32 %slotA, flf_v;", f"mad.lo.u32 %slotA, %warp, {WARP_STAGE}, %slotA;",
           f"mad.lo.u32 %slotA, %g, {SLOT_BYTES}, %slotA;", f"add.u32 %slotB, %slotA, {8 * SLOT_BYTES};",
@@ -184,7 +189,7 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
                   "mul.wide.u32 %o64, %bo, 16;", f"add.s64 %xs{k}, %xs{k}, %o64;"]
         # reads: thread (g, t) loads piece 4 t + p of token row 8 i + g (+ 8 i rows as an immediate)
         for p in range(4):
-            o += [f"add.u32 %bo, %t, %t;", "add.u32 %bo, %bo, %bo;", f"add.u32 %bo, %bo, {p};"]
+            o += ["add.u32 %bo, %t, %t;", "add.u32 %bo, %bo, %bo;", f"add.u32 %bo, %bo, {p};"]
             o += _x_piece("%g", "%bo", f"%xo{p}")
             o += ["mov.u32 %q, flf_x;", f"add.u32 %xo{p}, %xo{p}, %q;"]
     for i in range(nt if not x_smem else 0):  # x of token t0 + 8 i + g (clamped to M - 1), columns 128 c0 + 32 t
