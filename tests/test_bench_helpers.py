@@ -1,5 +1,6 @@
 """CPU checks of the benchmark helpers: MLP channel zeroing (benchmarks/structured_prune.py, used by bench_e2e.py
---structured) and a smoke run of benchmarks/bench_passes.py on a tiny layer (no timing)."""
+--structured), a smoke run of benchmarks/bench_passes.py on a tiny layer (no timing), and the kernel categories
+of benchmarks/profile_e2e.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import bench_e2e
 import bench_passes
+import profile_e2e
 from structured_prune import weakest_channels, zero_fraction, zero_mlp_channels_
 
 LAYERS, HIDDEN, INTERMEDIATE = 2, 64, 128
@@ -131,3 +133,13 @@ def test_bench_passes_cpu_propagation(tmp_path):
     assert rows["all"]["down_zeroed"] == "0" and rows["all"]["error"] == ""
     assert bench_passes.parse_counts(rows["all"]["counters"])["propagated_cols"] == 1
     assert "mlp.down_proj [64x96]" in rows["all"]["ops"]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("_bitmap_smma_kernel", "sparse"), ("_fused_epilogue_kernel", "sparse"), ("_bitmap_rowwalk_kernel", "sparse"),
+    ("nvjet_hsh_128x64_64x4_1x2_h_bz_coopA_NTT", "gemm"), ("sm90_xmma_gemm_f16f16_f16f32", "gemm"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_f16>", "gemm"), ("flash_fwd_splitkv_kernel", "attention"),
+    ("fmha_cutlassF_f16_aligned_64x64_rf_sm80", "attention"), ("triton_red_fused__to_copy_add_mean_mul_pow", "other"),
+    ("void at::native::elementwise_kernel<128, 4>", "other")])
+def test_profile_categories(name, expected):
+    assert profile_e2e.category(name) == expected
