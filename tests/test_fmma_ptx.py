@@ -12,6 +12,7 @@ import torch
 from ptx_program import assert_one_element_per_thread, compile_program
 
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.kernels.common import TileConfig
 from flashllm_compile.codegen.kernels.fmma_ptx import SHIFT_TABLE, TABLE_HI, TABLE_LO
 
 POISON = 0xDEADBEEF  # what a register holds when its window word was not loaded
@@ -90,7 +91,6 @@ def test_fmma_compiles_for_sm90(warps, block_m, dtype, partials, bounded, x_shar
 def test_fmma_is_offered_only_where_it_can_run():
     from flashllm_compile.codegen.autotune import GPU_ONLY_FAMILIES, candidate_configs
     from flashllm_compile.codegen.kernels.bitmap_fmma import FMMA_MAX_M, bitmap_fmma, get_bitmap_fmma_configs
-    from flashllm_compile.codegen.kernels.common import TileConfig
 
     assert "fmma" in GPU_ONLY_FAMILIES
     assert not any(c.family == "fmma" for m in (1, 8, 16, 64) for c in candidate_configs(m))  # the interpreter
@@ -98,3 +98,15 @@ def test_fmma_is_offered_only_where_it_can_run():
     fmt = BitmapWeight.from_dense(torch.randn(8, 128, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="fmma kernel needs a CUDA"):
         bitmap_fmma(torch.randn(2, 128, dtype=torch.float16), fmt, None, TileConfig("fmma", 32, 8, 1, 2, 2))
+
+
+@pytest.mark.parametrize("config", [TileConfig("fmma", 32, 64, 1, 2, 2), TileConfig("fmma", 64, 8, 1, 2, 2),
+                                    TileConfig("fmma", 32, 12, 1, 2, 2), TileConfig("fmma", 32, 8, 1, 2, 3),
+                                    TileConfig("fmma", 64, 32, 1, 4, 2)])
+def test_fmma_refuses_configs_it_cannot_run(config, monkeypatch):
+    from flashllm_compile.codegen.kernels import bitmap_fmma
+
+    monkeypatch.setattr(bitmap_fmma, "smma_supported", lambda x, fmt: True)  # get past the device check on CPU
+    fmt = BitmapWeight.from_dense(torch.randn(8, 128, dtype=torch.float16))
+    with pytest.raises(ValueError, match="not an fmma config"):
+        bitmap_fmma.bitmap_fmma(torch.randn(2, 128, dtype=torch.float16), fmt, None, config)

@@ -34,7 +34,8 @@ def fmma_block_m(m: int) -> int:
 
 
 def get_bitmap_fmma_configs(m: int) -> list[TileConfig]:
-    """Tuning space for M <= FMMA_MAX_M tokens: 2 or 4 warps (32 / 64 rows) where shared memory allows, split-K."""
+    """Tuning space for M <= FMMA_MAX_M tokens: 2 or 4 warps (32 / 64 rows) where shared memory allows, x from
+    global memory or shared memory, split-K 1..8."""
     if interpreting() or m > FMMA_MAX_M:
         return []
     block_m = fmma_block_m(m)
@@ -50,12 +51,15 @@ def bitmap_fmma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
     if not smma_supported(x, fmt):
         raise RuntimeError("the fmma kernel needs a CUDA fp16/bf16 x, chunk_k=128 and a 16-byte aligned bitmap "
                            f"(got {x.device} {x.dtype}, chunk_k={fmt.chunk_k})")
-    if config.block_n != 16 * config.num_warps:
-        raise ValueError(f"fmma runs 16 rows a warp: block_n {config.block_n} with {config.num_warps} warps")
+    nt, x_smem = config.block_m // 8, config.num_stages == X_SHARED
+    if (config.block_n != 16 * config.num_warps or config.block_m % 8 or not 0 < config.block_m <= FMMA_MAX_BLOCK_M
+            or config.num_stages not in (X_GLOBAL, X_SHARED)
+            or fmma_smem_bytes(config.num_warps, nt, x_smem) > STATIC_SMEM_MAX):
+        raise ValueError(f"not an fmma config: {config.short()} (16 rows a warp, BLOCK_M a multiple of 8 up to "
+                         f"{FMMA_MAX_BLOCK_M}, num_stages {X_GLOBAL} or {X_SHARED}, shared memory <= "
+                         f"{STATIC_SMEM_MAX} bytes)")
     dtype = str(x.dtype).removeprefix("torch.")
-    nt = config.block_m // 8
     bounded = values_slack_bytes(fmt.values) < 16  # e.g. values built by hand or moved: bound every copy
-    x_smem = config.num_stages == X_SHARED
     return launch_bitmap_kernel(_bitmap_fmma_kernel, x, fmt, bias, config, grid_m=triton.cdiv(x.shape[0], config.block_m),
                                 epilogue=epilogue, prepare_x=lambda x: _whole_chunks(x, fmt),
                                 ASM=fmma_ptx(config.num_warps, nt, dtype, bounded, x_smem), CONSTRAINTS=smma_constraints(nt))
