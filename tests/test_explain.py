@@ -79,6 +79,9 @@ def test_str_has_table_and_triton_source(report_and_state):
     assert "def decode_bitmap_tile(" not in rowwalk  # only what the kernel calls
     assert "def _run_start(" in rowwalk and "def _ptx_walk(" in rowwalk and "def apply_act(" in rowwalk
     assert "# bfind.u32 %j, %low;" in rowwalk  # the inline PTX of its inner loop
+    fmma = report.kernel_sources["fmma"]
+    assert "def _bitmap_smma_kernel(" in fmma  # the Triton program around the PTX is smma's
+    assert "# prmt.b32 %sel, %tlo, %thi, %i;" in fmma and "# mma.sync.aligned.m16n8k16" in fmma  # its PTX body
 
 
 def test_to_dict_is_json(report_and_state):
