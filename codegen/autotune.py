@@ -40,8 +40,7 @@ GPU_ONLY_FAMILIES = frozenset({"fmma", "smma"})  # whole programs in inline PTX:
 def candidate_configs(m: int) -> list[TileConfig]:
     """Every sparse config worth timing for M tokens, all families."""
     return (get_bitmap_rowwalk_configs(m) + get_bitmap_fmma_configs(m) + get_bitmap_smma_configs(m)
-            + get_bitmap_mma_configs(m)
-            + get_bitmap_unpack_configs(m))
+            + get_bitmap_mma_configs(m) + get_bitmap_unpack_configs(m))
 DENSITY_STEP = 0.05  # densities within one step share a tuning result
 MAX_M_BUCKET = 4096  # larger M reuses the 4096 decision
 TUNE_WARMUP_MS, TUNE_REP_MS = 2, 10

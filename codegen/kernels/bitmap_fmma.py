@@ -33,6 +33,15 @@ def fmma_block_m(m: int) -> int:
     return min(FMMA_MAX_BLOCK_M, max(8, triton.next_power_of_2(m)))
 
 
+def fmma_config_ok(config: TileConfig) -> bool:
+    """Whether the PTX program can be built for `config`: 16 rows a warp, BLOCK_M a multiple of 8 up to
+    FMMA_MAX_BLOCK_M, an x mode, and static shared memory under the cap."""
+    return (config.block_n == 16 * config.num_warps and config.block_m % 8 == 0
+            and 0 < config.block_m <= FMMA_MAX_BLOCK_M and config.num_stages in (X_GLOBAL, X_SHARED)
+            and fmma_smem_bytes(config.num_warps, config.block_m // 8, config.num_stages == X_SHARED)
+            <= STATIC_SMEM_MAX)
+
+
 def get_bitmap_fmma_configs(m: int) -> list[TileConfig]:
     """Tuning space for M <= FMMA_MAX_M tokens: 2 or 4 warps (32 / 64 rows) where shared memory allows, x from
     global memory or shared memory, split-K 1..8."""
@@ -40,9 +49,9 @@ def get_bitmap_fmma_configs(m: int) -> list[TileConfig]:
         return []
     block_m = fmma_block_m(m)
     x_modes = (X_GLOBAL, X_SHARED) if block_m == 8 else (X_SHARED,)  # from global only pays for one 8-token tile
-    return [TileConfig("fmma", 16 * warps, block_m, split_k, warps, x_mode) for x_mode in x_modes
-            for warps in FMMA_WARPS if fmma_smem_bytes(warps, block_m // 8, x_mode == X_SHARED) <= STATIC_SMEM_MAX
-            for split_k in (1, 2, 4, 8)]
+    configs = [TileConfig("fmma", 16 * warps, block_m, split_k, warps, x_mode) for x_mode in x_modes
+               for warps in FMMA_WARPS for split_k in (1, 2, 4, 8)]
+    return [c for c in configs if fmma_config_ok(c)]
 
 
 def bitmap_fmma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig,
@@ -51,14 +60,12 @@ def bitmap_fmma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
     if not smma_supported(x, fmt):
         raise RuntimeError("the fmma kernel needs a CUDA fp16/bf16 x, chunk_k=128 and a 16-byte aligned bitmap "
                            f"(got {x.device} {x.dtype}, chunk_k={fmt.chunk_k})")
-    nt, x_smem = config.block_m // 8, config.num_stages == X_SHARED
-    if (config.block_n != 16 * config.num_warps or config.block_m % 8 or not 0 < config.block_m <= FMMA_MAX_BLOCK_M
-            or config.num_stages not in (X_GLOBAL, X_SHARED)
-            or fmma_smem_bytes(config.num_warps, nt, x_smem) > STATIC_SMEM_MAX):
+    if not fmma_config_ok(config):
         raise ValueError(f"not an fmma config: {config.short()} (16 rows a warp, BLOCK_M a multiple of 8 up to "
                          f"{FMMA_MAX_BLOCK_M}, num_stages {X_GLOBAL} or {X_SHARED}, shared memory <= "
                          f"{STATIC_SMEM_MAX} bytes)")
     dtype = str(x.dtype).removeprefix("torch.")
+    nt, x_smem = config.block_m // 8, config.num_stages == X_SHARED
     bounded = values_slack_bytes(fmt.values) < 16  # e.g. values built by hand or moved: bound every copy
     return launch_bitmap_kernel(_bitmap_fmma_kernel, x, fmt, bias, config, grid_m=triton.cdiv(x.shape[0], config.block_m),
                                 epilogue=epilogue, prepare_x=lambda x: _whole_chunks(x, fmt),

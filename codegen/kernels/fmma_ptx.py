@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 
-from flashllm_compile.codegen.kernels.smma_ptx import SMMA_CHUNK_K, SMMA_TYPES, STATIC_SMEM_MAX
+from flashllm_compile.codegen.kernels.smma_ptx import SMMA_CHUNK_K, SMMA_TYPES, STATIC_SMEM_MAX, load_words
 
 SLOT_BYTES = 272  # one row's run of one chunk: <= 128 values (256 B) from a 16-byte aligned start; 68 words, so the
 # 8 rows a load instruction reads start 4 banks apart
@@ -71,10 +71,17 @@ SHIFT_TABLE = 0x20101000  # byte i: 16 * popcount(i) for two bitmap bits i
 
 def _load_raw(row: str, pred: str) -> list[str]:
     """Chunk words (4) and offset of row `row` ("A" or "B") at %bp{row} / %op{row}; zeros where `pred` is false."""
-    w = ", ".join(f"%r{row}{i}" for i in range(4))
-    return [f"mov.b32 %r{row}{i}, 0;" for i in range(4)] + [
-        f"mov.b32 %ro{row}, 0;", f"@{pred} ld.global.nc.v4.b32 {{{w}}}, [%bp{row}];",
-        f"@{pred} ld.global.nc.b32 %ro{row}, [%op{row}];"]
+    return load_words([f"%r{row}{i}" for i in range(4)], f"%ro{row}", pred, f"%bp{row}", f"%op{row}")
+
+
+def _load_raw_ahead(ahead: int, c1: str) -> list[str]:
+    """Advance both rows' word / offset pointers one chunk and load chunk c + `ahead`'s raw words, where that chunk
+    is one of the program's (< c1) and the row exists."""
+    o = [f"add.u32 %tok, %c, {ahead};", f"setp.lt.u32 %pl, %tok, {c1};"]
+    o += [f"add.s64 %bp{r}, %bp{r}, 16;" for r in "AB"] + [f"add.s64 %op{r}, %op{r}, %n4;" for r in "AB"]
+    for r in "AB":
+        o += [f"and.pred %pc, %pl, %p{r};"] + _load_raw(r, "%pc")
+    return o
 
 
 def _stage_row(row: str, slot: str, label: str, bounded: bool) -> list[str]:
@@ -205,9 +212,7 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
         o += [f"add.s64 %xs{k}, %xs{k}, 256;" for k in range(pieces)]
     o += ["cp.async.commit_group;"]
     o += [f"mov.b32 %cw{r}, %nw{r};" for r in "AB"] + [f"mov.b32 %cb{r}, %nb{r};" for r in "AB"]
-    o += ["add.u32 %tok, %c, 1;", f"setp.lt.u32 %pl, %tok, {c1};"]
-    o += [f"add.s64 %bp{r}, %bp{r}, 16;" for r in "AB"] + [f"add.s64 %op{r}, %op{r}, %n4;" for r in "AB"]
-    o += ["and.pred %pc, %pl, %pA;"] + _load_raw("A", "%pc") + ["and.pred %pc, %pl, %pB;"] + _load_raw("B", "%pc")
+    o += _load_raw_ahead(1, c1)
     o += ["FMMA_LOOP:",
           # chunk c is in buffer %buf; every lane is past its reads of the other buffer (chunk c - 1)
           "cp.async.wait_group 0;", "bar.sync 0;" if x_smem else "bar.warp.sync 0xffffffff;",
@@ -219,11 +224,8 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
         o += [f"xor.b32 %q, %xcur, {xbuf};"]
         o += [f"add.u32 %w, %xd{k}, %q;\ncp.async.cg.shared.global [%w], [%xs{k}], 16;" for k in range(pieces)]
         o += [f"add.s64 %xs{k}, %xs{k}, 256;" for k in range(pieces)]
-    o += [f"xor.b32 %buf, %buf, {ROWS_PER_WARP * SLOT_BYTES};", "cp.async.commit_group;",
-          # raw words of chunk c + 2 on their way
-          "add.u32 %tok, %c, 2;", f"setp.lt.u32 %pl, %tok, {c1};"]
-    o += [f"add.s64 %bp{r}, %bp{r}, 16;" for r in "AB"] + [f"add.s64 %op{r}, %op{r}, %n4;" for r in "AB"]
-    o += ["and.pred %pc, %pl, %pA;"] + _load_raw("A", "%pc") + ["and.pred %pc, %pl, %pB;"] + _load_raw("B", "%pc")
+    o += [f"xor.b32 %buf, %buf, {ROWS_PER_WARP * SLOT_BYTES};", "cp.async.commit_group;"]
+    o += _load_raw_ahead(2, c1)  # raw words of chunk c + 2 on their way
     o += ["FMMA_STAGED:"]
     for p in range(SMMA_CHUNK_K // 32):  # k-steps 2 p, 2 p + 1
         for s in (2 * p, 2 * p + 1):

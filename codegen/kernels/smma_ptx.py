@@ -102,10 +102,11 @@ def _walk_word(name: str, word: str, col_base: int) -> list[str]:
     return o + [f"bra {top};", f"{done}:"]
 
 
-def _load_words(w: list[str], off: str, pred: str) -> list[str]:
-    """Load a chunk's 4 bitmap words of row n (at %bp) and its offset (at %opp); zeros where `pred` is false."""
+def load_words(w: list[str], off: str, pred: str, bp: str = "%bp", opp: str = "%opp") -> list[str]:
+    """Load a chunk's 4 bitmap words of a row (16 bytes at `bp`) and its offset (at `opp`); zeros where `pred` is
+    false."""
     return [f"mov.b32 {r}, 0;" for r in (*w, off)] + [
-        f"@{pred} ld.global.nc.v4.b32 {{{', '.join(w)}}}, [%bp];", f"@{pred} ld.global.nc.b32 {off}, [%opp];"]
+        f"@{pred} ld.global.nc.v4.b32 {{{', '.join(w)}}}, [{bp}];", f"@{pred} ld.global.nc.b32 {off}, [{opp}];"]
 
 
 @functools.cache
@@ -162,17 +163,17 @@ def smma_ptx(block_n: int, nt: int, dtype: str) -> str:
     # prologue: words of chunks c0 (a) and c0 + 1 (b); chunk c0's values on their way to stage 0
     o += ["mov.u32 %buf, 0;", "mov.u32 %sbuf, 0;", f"mov.u32 %c, {c0};", f"setp.ge.u32 %pe, %c, {c1};",
           "@%pe bra SMMA_END;"]
-    o += _load_words(wa, "%aoff", "%prow")
+    o += load_words(wa, "%aoff", "%prow")
     o += ["add.u32 %t, %c, 1;", f"setp.lt.u32 %pl, %t, {c1};", "and.pred %pl, %pl, %prow;",
           "add.s64 %bp, %bp, 16;", "add.s64 %opp, %opp, %n4;"]
-    o += _load_words(wb, "%boff", "%pl")
+    o += load_words(wb, "%boff", "%pl")
     o += _thread_run(wa, "%aoff") + _stage_run("%stg") + _stage_x(pieces, "%xd") + ["cp.async.commit_group;",
                                                                                    "mov.u32 %xbuf, 0;"]
     o += ["SMMA_LOOP:",
           # words of chunk c + 2 on their way; chunk c + 1's values on their way to the other stage
           "add.u32 %t, %c, 2;", f"setp.lt.u32 %pl, %t, {c1};", "and.pred %pl, %pl, %prow;",
           "add.s64 %bp, %bp, 16;", "add.s64 %opp, %opp, %n4;"]
-    o += _load_words(wc, "%coff", "%pl")
+    o += load_words(wc, "%coff", "%pl")
     o += ["add.u32 %t, %c, 1;", f"setp.lt.u32 %pl, %t, {c1};", "xor.b32 %t, %sbuf, " + str(STAGE_BYTES) + ";",
           "add.u32 %lb, %stg, %t;", "@!%pl bra SMMA_STAGED;"]
     o += _thread_run(wb, "%boff") + _stage_run("%lb")
