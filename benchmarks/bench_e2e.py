@@ -168,18 +168,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --reuse-cache: one StaticCache per (model, batch, length), reset before each generate; dropped with the compiled
+# state (reset_compiled_state), so every configuration records its CUDA graphs on its own cache.
+REUSE_CACHE = False
+_CACHES: dict[tuple, object] = {}
+
+
+def _static_cache(model, ids: torch.Tensor, new_tokens: int):
+    """The reused cache of this shape, reset (zeroed in place: its tensors keep their addresses)."""
+    from transformers import StaticCache
+
+    key = (id(model), ids.shape[0], ids.shape[1] + new_tokens)
+    if key not in _CACHES:
+        _CACHES[key] = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
+    cache = _CACHES[key]
+    cache.reset()
+    return cache
+
+
 def generate(model, ids: torch.Tensor, new_tokens: int, compile_config=None) -> torch.Tensor:
     """Greedy decoding of exactly `new_tokens` tokens (min_new_tokens = max_new_tokens: no early EOS stop).
 
     With a transformers `CompileConfig`, generate() compiles the decode step itself (the prefill runs eager)
     and owns the CUDA-graph bookkeeping of the static cache; without one it runs eager (`disable_compile`:
-    transformers would otherwise compile with Inductor whenever the cache is static on a GPU)."""
+    transformers would otherwise compile with Inductor whenever the cache is static on a GPU).
+    generate() allocates a new static cache per call by default, so the compiled step's CUDA graphs are recorded
+    again on every call (the cache tensors are static inputs whose addresses changed); with REUSE_CACHE one
+    cache is reset and passed instead, and the graphs are replayed from the first token."""
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.config.eos_token_id
+    cache = {"past_key_values": _static_cache(model, ids, new_tokens)} if REUSE_CACHE else {
+        "cache_implementation": "static"}
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                          pad_token_id=pad, disable_compile=compile_config is None, compile_config=compile_config)
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                          disable_compile=compile_config is None, compile_config=compile_config, **cache)
 
 
 def timed_generate(model, ids: torch.Tensor, new_tokens: int, compile_config=None) -> tuple[torch.Tensor, float]:
@@ -199,6 +222,7 @@ def reset_compiled_state(device: torch.device) -> None:
     from flashllm_compile.codegen.formats.cache import clear_compression_cache
 
     torch._dynamo.reset()
+    _CACHES.clear()
     if device.type == "cuda":
         with contextlib.suppress(Exception):  # part of torch._dynamo.reset() in newer releases
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
@@ -447,6 +471,9 @@ def main() -> None:
     parser.add_argument("--structured", type=float, default=0.0, metavar="FRACTION",
                         help="after the magnitude pruning, also zero this fraction of every MLP's intermediate "
                              "channels (whole gate/up rows and down columns; default: %(default)s, none)")
+    parser.add_argument("--reuse-cache", action="store_true",
+                        help="pass one StaticCache per configuration to every generate (reset in place) instead of "
+                        "generate() allocating one per call: CUDA graphs are then recorded once, not per generate")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"),
                         help="output folder (default: $OUT, else benchmarks/out; now %(default)s)")
     args = parser.parse_args()
@@ -471,6 +498,8 @@ def main() -> None:
         parser.error("--sparsity values must satisfy 0 <= s < 1")
     if not 0 <= args.structured < 1:
         parser.error("--structured must satisfy 0 <= FRACTION < 1")
+    global REUSE_CACHE
+    REUSE_CACHE = args.reuse_cache
     cold_cache_dir = None
     if args.cold_compile:
         from torch._functorch import config as functorch_config

@@ -15,6 +15,7 @@ any rewrite); they all go through `_rewrite_fused`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -23,6 +24,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
+from flashllm_compile.codegen.autotune import AUTOTUNER
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.cache import compress_weight, compress_weights, watch_weight, watch_weights
 from flashllm_compile.options import FlashLLMOptions, KernelPreference
@@ -40,6 +42,7 @@ from flashllm_compile.report import LinearDecision, publish
 
 log = logging.getLogger("flashllm_compile")
 BUFFER_PREFIX = "_flashllm_w"
+DENSE_FASTER = "dense_faster"  # skip reason of linears left to Inductor by the compile-time dispatch (dense_wins)
 
 
 def _fake_like(gm: fx.GraphModule, example_val: torch.Tensor | None, tensor: torch.Tensor):
@@ -180,15 +183,59 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: Struc
     return fmt
 
 
+def static_tokens(x: fx.Node) -> int | None:
+    """M, the rows of x [..., K] (the product of its leading dims) when they are all concrete ints: a graph
+    compiled for static shapes, e.g. one decode step under mode="reduce-overhead"; None when any is symbolic."""
+    val = local_shard(meta_val(x))
+    if val is None or not all(isinstance(d, int) for d in val.shape[:-1]):
+        return None
+    return math.prod(val.shape[:-1])
+
+
+def _tuned_on_device(weight: torch.Tensor) -> bool:
+    """Where the autotuner measures (and so where the op's runtime dispatch can pick dense): CUDA."""
+    return weight.is_cuda
+
+
+def dense_wins(members: list[LinearMatch], fmt: BitmapWeight, options: FlashLLMOptions) -> bool:
+    """Compile-time dispatch: does the autotuner pick cuBLAS over every sparse kernel for this op at the graph's
+    static token count?  Then the linears are left to Inductor as they are (cuBLAS with Inductor's own bias and
+    activation fusions, no op boundary, no compressed buffers as graph inputs) instead of an op that would run
+    cuBLAS inside anyway.  Only where the op's runtime dispatch could pick dense (kernel="auto", dense weights kept,
+    CUDA) and from a measurement (autotune on, not deterministic); shapes that vary at run time (symbolic M) keep
+    the runtime dispatch.  The measurement is the op's own (`AUTOTUNER.choose`, cached on disk), so the op and
+    this pass agree."""
+    first = members[0]
+    if (options.kernel is not KernelPreference.AUTO or options.release_dense_weights or not options.autotune
+            or options.deterministic or getattr(first, "dtensor", None) is not None
+            or not _tuned_on_device(first.weight)):
+        return False
+    m = static_tokens(first.x)
+    if m is None or m == 0:
+        return False
+    dense = [mb.weight.t() if mb.transposed else mb.weight for mb in members]  # [N_i, K] each, as the op's fallback
+    choice = AUTOTUNER.choose(fmt, m, dense, allow_dense=True, tune=True, cache_dir=options.cache_dir)
+    return choice.family == "dense"
+
+
 def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: FlashLLMOptions,
-                     registered: dict[int, tuple[str, ...]], zeros: ZeroFeatures | None = None) -> BitmapWeight:
+                     registered: dict[int, tuple[str, ...]], zeros: ZeroFeatures | None = None) -> BitmapWeight | None:
     """Rewrite one linear, or a group of fused siblings, slicing structured zeros where the option allows;
-    `zeros`: the exact-zero features of their shared input x (passes/propagate_structured_zeros.py)."""
+    `zeros`: the exact-zero features of their shared input x (passes/propagate_structured_zeros.py).  Returns the
+    format the op runs, or None when cuBLAS wins at the graph's static M (`dense_wins`): the nodes are left as they
+    are."""
     first = members[0]
     sliced = None
     if options.slice_structured_zeros and getattr(first, "dtensor", None) is None:
         sliced = structured_slice([m.weight for m in members], options.chunk_k, first.transposed,
                                   zeros.mask if zeros is not None else None)
+    fmt = sliced.fmt if sliced is not None else (
+        compress_weight(first.weight, options.chunk_k, transposed=first.transposed) if len(members) == 1 else
+        compress_weights([m.weight for m in members], options.chunk_k, first.transposed))
+    if dense_wins(members, fmt, options):
+        log.info("flashllm: %s left to Inductor: cuBLAS beats the sparse kernels at M=%s", fused_name(members),
+                 static_tokens(first.x))
+        return None
     if len(members) == 1 and sliced is None:
         return _rewrite_one(gm, first, options, registered)
     name = fused_name(members)
@@ -251,7 +298,8 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
     fuse_siblings / slice_structured_zeros also ["fused_siblings"] (groups), ["fused_linears"] (linears in them),
     ["sliced_rows"] / ["sliced_cols"] (sparse_linear calls computing only the nonzero rows / columns),
     ["propagated_cols"] (those of them dropping columns that are not all-zero, because their input features are
-    exact zeros made by upstream zero rows: passes/propagate_structured_zeros.py).  With many
+    exact zeros made by upstream zero rows: passes/propagate_structured_zeros.py); ["skip_dense_faster"]: linears
+    left to Inductor because cuBLAS beats the sparse kernels at the graph's static M (`dense_wins`).  With many
     rewritable layers a progress bar is shown on a TTY stderr; FLASHLLM_PROGRESS=0 turns it off (see `_progress`)."""
     registered: dict[int, tuple[str, ...]] = {}
     rewritten = 0
@@ -260,15 +308,18 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
     members_of = {m.node: group for group in groups for m in group}
     # analysed before any rewrite: it reads the original graph (node -> zero features of the linear's input)
     zeros = zero_input_features(gm, matches, example_inputs) if options.slice_structured_zeros else {}
-    fmts: dict[fx.Node, BitmapWeight] = {}  # first member's node -> the format its group's op runs on
+    fmts: dict[fx.Node, BitmapWeight | None] = {}  # first member's node -> its group's op format (None: left dense)
     for match in _progress(matches):
         counters["flashllm"]["linear_found"] += 1
         op_name = getattr(match.node.target, "__name__", str(match.node.target))
-        if match.skip_reason is None:
+        reason, fmt = match.skip_reason, None
+        if reason is None:
             members = members_of.get(match.node, [match])
             if match is members[0]:
                 fmts[match.node] = _rewrite_members(gm, members, options, registered, zeros.get(match.node))
             fmt = fmts[members[0].node]
+            reason = None if fmt is not None else DENSE_FASTER
+        if fmt is not None:
             compressed = _compressed_bytes(fmt, members, match)
             rewritten += 1
             counters["flashllm"]["rewritten"] += 1
@@ -276,14 +327,13 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
                      match.out_features, match.in_features, 100 * match.sparsity, options.kernel.value,
                      match.weight.nbytes / 1e6, compressed / 1e6)
         else:
-            counters["flashllm"][f"skip_{match.skip_reason}"] += 1
-            log.info("flashllm: %s left dense: %s", match.name, match.skip_reason)
-            fmt = None
+            counters["flashllm"][f"skip_{reason}"] += 1
+            log.info("flashllm: %s left dense: %s", match.name, reason)
         publish(LinearDecision(
             name=match.name, out_features=match.out_features if match.weight.dim() == 2 else 0,
             in_features=match.in_features if match.weight.dim() == 2 else 0,
             dtype=str(match.weight.dtype).removeprefix("torch."), sparsity=match.sparsity,
-            rewritten=fmt is not None, reason=match.skip_reason or "rewritten",
+            rewritten=fmt is not None, reason=reason or "rewritten",
             kernel=options.kernel.value if fmt is not None else "", dense_bytes=match.weight.nbytes,
             compressed_bytes=compressed if fmt is not None else 0, op=op_name, **_op_fields(fmt, match, members_of)))
     if rewritten:

@@ -143,3 +143,20 @@ def test_bench_passes_cpu_propagation(tmp_path):
     ("void at::native::elementwise_kernel<128, 4>", "other")])
 def test_profile_categories(name, expected):
     assert profile_e2e.category(name) == expected
+
+
+def test_reused_static_cache_keeps_addresses_and_tokens(monkeypatch):
+    """bench_e2e --reuse-cache: the same greedy tokens as generate()'s own static cache, and the reused cache's
+    tensors keep their addresses from one generate to the next (what lets CUDA graphs replay instead of record)."""
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    fresh = bench_e2e.generate(model, ids, 4)
+    monkeypatch.setattr(bench_e2e, "REUSE_CACHE", True)
+    first = bench_e2e.generate(model, ids, 4)
+    (cache,) = bench_e2e._CACHES.values()
+    addresses = [layer.keys.data_ptr() for layer in cache.layers]
+    second = bench_e2e.generate(model, ids, 4)
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    assert [layer.keys.data_ptr() for layer in cache.layers] == addresses
+    bench_e2e.reset_compiled_state(ids.device)
+    assert not bench_e2e._CACHES
