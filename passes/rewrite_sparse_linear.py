@@ -24,9 +24,16 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
-from flashllm_compile.codegen.autotune import AUTOTUNER
+from flashllm_compile.codegen.autotune import AUTOTUNER, Choice
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.formats.cache import compress_weight, compress_weights, watch_weight, watch_weights
+from flashllm_compile.codegen.formats.cache import (
+    adopt,
+    compress_weight,
+    compress_weights,
+    forget_unless_adopted,
+    watch_weight,
+    watch_weights,
+)
 from flashllm_compile.options import FlashLLMOptions, KernelPreference
 from flashllm_compile.passes.dtensor_linears import local_shard, sparse_linear_dtensor
 from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
@@ -60,7 +67,9 @@ def _register_compressed(gm: fx.GraphModule, match: LinearMatch, options: FlashL
 
 def _register_parts(gm: fx.GraphModule, owner: object, parts: dict[str, torch.Tensor],
                     registered: dict[int, tuple[str, ...]]) -> tuple[str, ...]:
-    """Register `parts` (compressed tensors, slicing indices) as gm buffers, once per `owner` and graph."""
+    """Register `parts` (compressed tensors, slicing indices) as gm buffers, once per `owner` (the format or the
+    slice they come from: adopted, so the compression cache keeps it) and graph."""
+    adopt(owner)
     if id(owner) not in registered:
         index = len(registered)
         names = tuple(f"{BUFFER_PREFIX}{index}_{part}" for part in parts)
@@ -197,9 +206,9 @@ def _tuned_on_device(weight: torch.Tensor) -> bool:
     return weight.is_cuda
 
 
-def dense_wins(members: list[LinearMatch], fmt: BitmapWeight, options: FlashLLMOptions) -> bool:
-    """Compile-time dispatch: does the autotuner pick cuBLAS over every sparse kernel for this op at the graph's
-    static token count?  Then the linears are left to Inductor as they are (cuBLAS with Inductor's own bias and
+def dense_wins(members: list[LinearMatch], fmt: BitmapWeight, options: FlashLLMOptions) -> Choice | None:
+    """Compile-time dispatch: the autotuner's choice for this op at the graph's static token count when it is
+    cuBLAS over every sparse kernel (else None).  Then the linears are left to Inductor as they are (cuBLAS with Inductor's own bias and
     activation fusions, no op boundary, no compressed buffers as graph inputs) instead of an op that would run
     cuBLAS inside anyway.  Only where the op's runtime dispatch could pick dense (kernel="auto", dense weights kept,
     CUDA) and from a measurement (autotune on, not deterministic); shapes that vary at run time (symbolic M) keep
@@ -209,13 +218,13 @@ def dense_wins(members: list[LinearMatch], fmt: BitmapWeight, options: FlashLLMO
     if (options.kernel is not KernelPreference.AUTO or options.release_dense_weights or not options.autotune
             or options.deterministic or getattr(first, "dtensor", None) is not None
             or not _tuned_on_device(first.weight)):
-        return False
+        return None
     m = static_tokens(first.x)
     if m is None or m == 0:
-        return False
+        return None
     dense = [mb.weight.t() if mb.transposed else mb.weight for mb in members]  # [N_i, K] each, as the op's fallback
     choice = AUTOTUNER.choose(fmt, m, dense, allow_dense=True, tune=True, cache_dir=options.cache_dir)
-    return choice.family == "dense"
+    return choice if choice.family == "dense" else None
 
 
 def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: FlashLLMOptions,
@@ -232,9 +241,11 @@ def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: Fl
     fmt = sliced.fmt if sliced is not None else (
         compress_weight(first.weight, options.chunk_k, transposed=first.transposed) if len(members) == 1 else
         compress_weights([m.weight for m in members], options.chunk_k, first.transposed))
-    if dense_wins(members, fmt, options):
-        log.info("flashllm: %s left to Inductor: cuBLAS beats the sparse kernels at M=%s", fused_name(members),
-                 static_tokens(first.x))
+    dense = dense_wins(members, fmt, options)
+    if dense is not None:
+        log.info("flashllm: %s left to Inductor: cuBLAS (%.1f us) beats every sparse kernel at M=%s",
+                 fused_name(members), dense.dense_us, static_tokens(first.x))
+        forget_unless_adopted(sliced if sliced is not None else fmt)
         return None
     if len(members) == 1 and sliced is None:
         return _rewrite_one(gm, first, options, registered)

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 from flashllm_compile import ops
 from flashllm_compile.codegen.autotune import Choice
+from flashllm_compile.codegen.formats import cache
 from flashllm_compile.passes import rewrite_sparse_linear as rsl
 from flashllm_compile.report import record_decisions
 
@@ -62,7 +63,8 @@ def run(model, x, **compile_kwargs):
 
 
 def test_losing_linear_left_to_inductor(tuner):
-    out, ref, decisions, calls = run(MLP(), torch.randn(3, 5, HIDDEN))
+    model = MLP()
+    out, ref, decisions, calls = run(model, torch.randn(3, 5, HIDDEN))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     by_name = {d.name.split(".")[-1].split("_")[-1]: d for d in decisions}
     assert not by_name["down"].rewritten and by_name["down"].reason == rsl.DENSE_FASTER
@@ -71,6 +73,19 @@ def test_losing_linear_left_to_inductor(tuner):
     assert calls == 1  # only the up projection runs the op
     # asked once per linear, at the graph's static M = 3 * 5 tokens, with the linear's own dense weight
     assert sorted(tuner) == [(HIDDEN, INTER, 15, HIDDEN), (INTER, HIDDEN, 15, INTER)]
+    # the down projection was compressed only to be measured: the compression cache does not keep it alive
+    assert id(model.down.weight) not in cache._CACHE and id(model.up.weight) in cache._CACHE
+
+
+def test_format_held_by_a_graph_stays_cached(tuner):
+    """A format some compiled graph holds is not dropped when another graph leaves the same linear dense."""
+    model = MLP()
+    fmt = cache.compress_weight(model.down.weight, 128)
+    cache.adopt(fmt)
+    run(model, torch.randn(3, 5, HIDDEN))
+    assert cache._CACHE[id(model.down.weight)][-1] is fmt
+    cache.forget_unless_adopted(fmt)  # still adopted: kept
+    assert id(model.down.weight) in cache._CACHE
 
 
 def test_symbolic_token_count_keeps_the_runtime_dispatch(tuner):

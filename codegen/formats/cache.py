@@ -47,6 +47,29 @@ def clear_compression_cache() -> None:
     _DERIVED.clear()
 
 
+# id(format) -> weak reference to it, for the formats some compiled graph holds as buffers (`adopt`)
+_ADOPTED: dict[int, weakref.ref] = {}
+
+
+def adopt(fmt: object) -> None:
+    """Mark `fmt` (a BitmapWeight or a StructuredSlice) as held by a compiled graph: `forget_unless_adopted` keeps
+    it cached."""
+    key = id(fmt)
+    _ADOPTED[key] = weakref.ref(fmt, lambda _, key=key: _ADOPTED.pop(key, None))
+
+
+def forget_unless_adopted(fmt: object) -> None:
+    """Drop `fmt` (compressed only to measure it: its linears were left dense) from the caches unless a graph holds
+    it, so the cache does not keep its GPU memory alive for nothing; a later compile that rewrites those linears
+    compresses them again.  By identity: a format's dataclass equality would compare tensors."""
+    ref = _ADOPTED.get(id(fmt))
+    if ref is not None and ref() is fmt:
+        return
+    for cache in (_CACHE, _DERIVED):
+        for key in [k for k, v in cache.items() if v[-1] is fmt]:
+            del cache[key]
+
+
 T = TypeVar("T")
 # (tag, ids of the weights) -> (weak references to the weights, their versions, result)
 _DERIVED: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], object]] = {}
