@@ -2,6 +2,7 @@
 
     python benchmarks/profile_e2e.py                            # 32 LLaMA-2-7B-sized layers, 80%, batch 1 and 8
     python benchmarks/profile_e2e.py --layers 2 --device cpu --tiny   # smoke test of the script only
+    python benchmarks/profile_e2e.py --arch opt --reuse-cache          # OPT-6.7B dims, one cache for every generate
 
 The model, pruning and compilation are bench_e2e.py's (random weights, magnitude pruning, static cache, generate()
 compiling the decode step with mode="reduce-overhead" on both sides).  After the compile and a warm-up generate,
@@ -70,6 +71,8 @@ def profile_point(model, ids: torch.Tensor, new_tokens: int, backend: str) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=sorted(bench_e2e.ARCHS), default="llama",
+                        help="llama: LLaMA-2-7B dims; opt: OPT-6.7B dims (default: %(default)s)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -77,16 +80,19 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny dimensions (CPU smoke test)")
+    parser.add_argument("--reuse-cache", action="store_true",
+                        help="one StaticCache reused across generates (bench_e2e.py --reuse-cache)")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = parser.parse_args()
+    bench_e2e.REUSE_CACHE = args.reuse_cache
     os.makedirs(args.out, exist_ok=True)
-    dims = dict(bench_e2e.ARCHS["llama"], layers=args.layers)
+    dims = dict(bench_e2e.ARCHS[args.arch], layers=args.layers)
     if args.tiny:
         dims.update(hidden=128, intermediate=256, heads=4, vocab=512, max_pos=512)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     bench_e2e.ensure_flashllm_backend()
     start = time.perf_counter()
-    model = bench_e2e.build_model("llama", dims, dtype, args.device)
+    model = bench_e2e.build_model(args.arch, dims, dtype, args.device)
     bench_e2e.prune(model, args.sparsity)
     print(f"model ready in {time.perf_counter() - start:.0f} s", flush=True)
     rows = []
@@ -100,7 +106,8 @@ def main() -> None:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\n{rows[0]['gpu']}; {args.layers} LLaMA-2-7B-sized layers, {args.sparsity:.0%} sparse; us per token")
+    print(f"\n{rows[0]['gpu']}; {args.layers} {args.arch} layers ({dims['hidden']} hidden), "
+          f"{args.sparsity:.0%} sparse; us per token")
     print(f"{'batch':>5} {'backend':<9} {'wall':>8} {'gpu busy':>9} {'host':>7} "
           + " ".join(f"{c:>9}" for c in CATEGORIES))
     for r in rows:
