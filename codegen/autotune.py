@@ -29,7 +29,7 @@ from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_m
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import ROWWALK_MAX_M, bitmap_rowwalk, get_bitmap_rowwalk_configs
 from flashllm_compile.codegen.kernels.bitmap_smma import bitmap_smma, get_bitmap_smma_configs
 from flashllm_compile.codegen.kernels.bitmap_unpack import bitmap_unpack, get_bitmap_unpack_configs
-from flashllm_compile.codegen.kernels.common import TileConfig
+from flashllm_compile.codegen.kernels.common import TileConfig, next_power_of_2
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def dense_linear(x: torch.Tensor, dense: torch.Tensor | list[torch.Tensor], bias
 
 def m_bucket(m: int) -> int:
     """Next power of two >= m, capped at MAX_M_BUCKET."""
-    return min(MAX_M_BUCKET, triton.next_power_of_2(max(m, 1)))
+    return min(MAX_M_BUCKET, next_power_of_2(max(m, 1)))
 
 
 def default_config(m: int) -> TileConfig:
@@ -78,9 +78,9 @@ def default_config(m: int) -> TileConfig:
     # The configs the H100 tuner picked most often on LLaMA-7B shapes (benchmarks/RESULTS.md); the previous
     # defaults cost 1.06-1.45x the tuned pick (benchmarks/determinism.py); these were not re-measured.
     if m <= ROWWALK_MAX_M:
-        return TileConfig("rowwalk", 16, triton.next_power_of_2(max(m, 1)), 1, 16, 1, 32)
+        return TileConfig("rowwalk", 16, next_power_of_2(max(m, 1)), 1, 16, 1, 32)
     if m <= 64:
-        return TileConfig("mma", 128, max(16, triton.next_power_of_2(m)), 4, 4, 2)
+        return TileConfig("mma", 128, max(16, next_power_of_2(m)), 4, 4, 2)
     return TileConfig("mma", 64, 64, 1, 4, 3)
 
 

@@ -110,3 +110,17 @@ def test_hit_path_touches_no_file(fmt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(autotune.Autotuner, "cache_file", no_io)
     assert tuner.choose(fmt, 4, w, allow_dense=True, tune=True, cache_dir=str(tmp_path)) == first
+
+
+def test_host_cdiv_and_next_power_of_2_match_triton():
+    """The host-side helpers that replace triton.cdiv / triton.next_power_of_2 on the per-call path (those are
+    ConstexprFunctions in Triton 3.6, ~2.5 us a call) give the same numbers."""
+    import triton
+
+    from flashllm_compile.codegen.kernels.common import cdiv, next_power_of_2
+
+    for n in range(0, 600):
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 7, 16, 128):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert next_power_of_2(1 << 40) == 1 << 40 and next_power_of_2((1 << 40) + 1) == 1 << 41

@@ -8,12 +8,17 @@ GPU only (fp16 / bf16, chunk_k = 128), like smma: the interpreter cannot run PTX
 from __future__ import annotations
 
 import torch
-import triton
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight, values_slack_bytes
 from flashllm_compile.codegen.kernels.bitmap_smma import _bitmap_smma_kernel, _whole_chunks, smma_supported
-from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
+from flashllm_compile.codegen.kernels.common import (
+    TileConfig,
+    cdiv,
+    interpreting,
+    launch_bitmap_kernel,
+    next_power_of_2,
+)
 from flashllm_compile.codegen.kernels.fmma_ptx import fmma_ptx, fmma_smem_bytes
 from flashllm_compile.codegen.kernels.smma_ptx import STATIC_SMEM_MAX, smma_constraints
 
@@ -30,7 +35,7 @@ X_GLOBAL, X_SHARED = 1, 2
 
 def fmma_block_m(m: int) -> int:
     """Tokens per program: all of M up to 32 (the decode is paid once per program)."""
-    return min(FMMA_MAX_BLOCK_M, max(8, triton.next_power_of_2(m)))
+    return min(FMMA_MAX_BLOCK_M, max(8, next_power_of_2(m)))
 
 
 def fmma_config_ok(config: TileConfig) -> bool:
@@ -67,6 +72,6 @@ def bitmap_fmma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
     dtype = str(x.dtype).removeprefix("torch.")
     nt, x_smem = config.block_m // 8, config.num_stages == X_SHARED
     bounded = values_slack_bytes(fmt.values) < 16  # e.g. values built by hand or moved: bound every copy
-    return launch_bitmap_kernel(_bitmap_fmma_kernel, x, fmt, bias, config, grid_m=triton.cdiv(x.shape[0], config.block_m),
+    return launch_bitmap_kernel(_bitmap_fmma_kernel, x, fmt, bias, config, grid_m=cdiv(x.shape[0], config.block_m),
                                 epilogue=epilogue, prepare_x=lambda x: _whole_chunks(x, fmt),
                                 ASM=fmma_ptx(config.num_warps, nt, dtype, bounded, x_smem), CONSTRAINTS=smma_constraints(nt))

@@ -11,12 +11,18 @@ import triton.language as tl
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile, store_output
-from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
+from flashllm_compile.codegen.kernels.common import (
+    TileConfig,
+    cdiv,
+    interpreting,
+    launch_bitmap_kernel,
+    next_power_of_2,
+)
 
 
 def get_bitmap_mma_configs(m: int) -> list[TileConfig]:
     """Tuning space for M tokens: BLOCK_M covers M (>= 16 for the MMA), the rest is searched."""
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_m = min(64, max(16, next_power_of_2(m)))
     return [
         TileConfig("mma", block_n, block_m, split_k, num_warps, num_stages)
         for block_n in (64, 128)
@@ -69,5 +75,5 @@ def bitmap_mma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, co
     # fp32 must not silently become tf32; the interpreter's bf16 dot is wrong (numpy has no bf16), so it
     # upcasts there too. On the GPU, fp16/bf16 use the native tensor-core dot.
     fp32_dot = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
-    return launch_bitmap_kernel(_bitmap_mma_kernel, x, fmt, bias, config, grid_m=triton.cdiv(x.shape[0], config.block_m),
+    return launch_bitmap_kernel(_bitmap_mma_kernel, x, fmt, bias, config, grid_m=cdiv(x.shape[0], config.block_m),
                                 epilogue=epilogue, FP32_DOT=fp32_dot)

@@ -30,10 +30,12 @@ from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import popcount, store_output
 from flashllm_compile.codegen.kernels.common import (
     TileConfig,
+    cdiv,
     check_launch,
     finish_split_k,
     in_kernel_epilogue,
     interpreting,
+    next_power_of_2,
     split_k_output,
 )
 from flashllm_compile.codegen.kernels.rowwalk_ptx import PTX_TYPES, rowwalk_constraints, rowwalk_ptx
@@ -47,7 +49,7 @@ def get_bitmap_rowwalk_configs(m: int) -> list[TileConfig]:
     gathers from: that matters for long rows (K = 28672 / 36864), whose x overflows L1."""
     if m > ROWWALK_MAX_M:
         return []
-    block_m = triton.next_power_of_2(max(m, 1))
+    block_m = next_power_of_2(max(m, 1))
     return [
         TileConfig("rowwalk", block_n, block_m, split_k, block_n * segments // 32, 1, segments)
         for block_n, segments, split_k in ((32, 16, 1), (16, 32, 1), (16, 64, 1), (32, 32, 1), (16, 32, 2),
@@ -231,7 +233,7 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
     if smem_bytes and xt.data_ptr() % 16:  # xt is staged in shared memory 16 bytes at a time
         xt = xt.clone()
     asm = rowwalk_ptx(config.block_m, dtype, smem_bytes) if use_ptx else ""
-    grid = (triton.cdiv(fmt.n, config.block_n), split_k)
+    grid = (cdiv(fmt.n, config.block_n), split_k)
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
     _bitmap_rowwalk_kernel[grid](
         xt, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,

@@ -16,7 +16,7 @@ import triton.language as tl
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import store_elements
-from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
+from flashllm_compile.codegen.kernels.common import TileConfig, cdiv, interpreting, launch_bitmap_kernel
 from flashllm_compile.codegen.kernels.smma_ptx import SMMA_CHUNK_K, SMMA_TYPES, smma_constraints, smma_ptx
 
 SMMA_BLOCK_M = (8, 16)  # tokens per program (1 or 2 n-tiles of 8: shared memory); more M runs more programs
@@ -86,7 +86,7 @@ def bitmap_smma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
                            f"(got {x.device} {x.dtype}, chunk_k={fmt.chunk_k})")
     dtype = str(x.dtype).removeprefix("torch.")
     nt = config.block_m // 8
-    return launch_bitmap_kernel(_bitmap_smma_kernel, x, fmt, bias, config, grid_m=triton.cdiv(x.shape[0], config.block_m),
+    return launch_bitmap_kernel(_bitmap_smma_kernel, x, fmt, bias, config, grid_m=cdiv(x.shape[0], config.block_m),
                                 epilogue=epilogue, prepare_x=lambda x: _whole_chunks(x, fmt),
                                 ASM=smma_ptx(config.block_n, nt, dtype), CONSTRAINTS=smma_constraints(nt))
 

@@ -16,7 +16,7 @@ import triton.language as tl
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
-from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting
+from flashllm_compile.codegen.kernels.common import TileConfig, cdiv, check_launch, finish_split_k, interpreting
 
 UNPACK_MIN_M = 16  # below this the row walk / tensor-core kernels (or the kept dense weight) are the candidates
 
@@ -50,7 +50,7 @@ def unpack_weight(fmt: BitmapWeight, block_n: int = 64, num_warps: int = 4) -> t
     """The dense [N, K] weight of `fmt`, expanded on the GPU (or in the interpreter) in one pass."""
     out = torch.empty(fmt.n, fmt.k, device=fmt.values.device, dtype=fmt.dtype)
     if out.numel():
-        grid = (triton.cdiv(fmt.n, block_n), fmt.num_chunks)
+        grid = (cdiv(fmt.n, block_n), fmt.num_chunks)
         _bitmap_unpack_kernel[grid](fmt.bitmap, fmt.offsets, fmt.values, out, fmt.n, fmt.k, fmt.num_chunks,
                                     CHUNK_K=fmt.chunk_k, BLOCK_N=block_n, HW_POPC=not interpreting(),
                                     num_warps=num_warps)

@@ -6,7 +6,6 @@ import os
 from typing import NamedTuple
 
 import torch
-import triton
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
@@ -32,6 +31,17 @@ class TileConfig(NamedTuple):
                 f"s={self.num_stages}{seg}]")
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side ints: triton.cdiv is a ConstexprFunction in Triton 3.6, ~2.5 us a call through
+    its dispatch, paid several times per op call in eager code and CUDA-graph recordings."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2, for host-side ints (see cdiv)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -54,8 +64,8 @@ def check_launch(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None) 
 
 def split_k_plan(fmt: BitmapWeight, split_k: int) -> tuple[int, int]:
     """(chunks per split, number of splits actually used) so that no split is empty."""
-    per_split = triton.cdiv(fmt.num_chunks, split_k)
-    return per_split, triton.cdiv(fmt.num_chunks, per_split)
+    per_split = cdiv(fmt.num_chunks, split_k)
+    return per_split, cdiv(fmt.num_chunks, per_split)
 
 
 def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig,
@@ -83,7 +93,7 @@ def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch
     partials = out.dim() == 3
     if m == 0:
         return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
-    grid = (triton.cdiv(fmt.n, config.block_n), split_k, grid_m)
+    grid = (cdiv(fmt.n, config.block_n), split_k, grid_m)
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
     kernel[grid](
         x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,
