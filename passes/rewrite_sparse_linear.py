@@ -58,13 +58,6 @@ def _fake_like(gm: fx.GraphModule, example_val: torch.Tensor | None, tensor: tor
     return fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode is not None else tensor
 
 
-def _register_compressed(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOptions,
-                         registered: dict[int, tuple[str, ...]]):
-    """Compress the weight (once per process) and register its tensors as gm buffers (once per graph)."""
-    fmt = compress_weight(match.weight, options.chunk_k, transposed=match.transposed)
-    return fmt, _register_parts(gm, fmt, dict(zip(("bitmap", "offsets", "values"), fmt.tensors())), registered)
-
-
 def _register_parts(gm: fx.GraphModule, owner: object, parts: dict[str, torch.Tensor],
                     registered: dict[int, tuple[str, ...]]) -> tuple[str, ...]:
     """Register `parts` (compressed tensors, slicing indices) as gm buffers, once per `owner` (the format or the
@@ -81,9 +74,11 @@ def _register_parts(gm: fx.GraphModule, owner: object, parts: dict[str, torch.Te
     return registered[id(owner)]
 
 
-def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, options: FlashLLMOptions,
+def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, fmt: BitmapWeight, options: FlashLLMOptions,
                  registered: dict[int, tuple[str, ...]]):
-    fmt, names = _register_compressed(gm, match, options, registered)
+    """Replace one linear by sparse_linear on `fmt`, its compressed weight (registered as gm buffers once per
+    graph)."""
+    names = _register_parts(gm, fmt, dict(zip(("bitmap", "offsets", "values"), fmt.tensors())), registered)
     graph, node = gm.graph, match.node
     x_val = local_shard(match.x.meta.get("val", match.x.meta.get("example_value")))  # DTensor: its fake local
     with graph.inserting_before(node):
@@ -147,12 +142,13 @@ def _guards(zeros: ZeroFeatures | None) -> tuple[list[fx.Node], list[torch.Tenso
     return [n for n, _ in guards if n.op == "placeholder"], [t for _, t in guards]
 
 
-def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: StructuredSlice | None,
+def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], fmt: BitmapWeight, sliced: StructuredSlice | None,
                    options: FlashLLMOptions, registered: dict[int, tuple[str, ...]],
                    zeros: ZeroFeatures | None = None) -> BitmapWeight:
     """Replace `members` (siblings reading the same x, passes/fuse_sibling_linears.py; or a single linear) by ONE
-    sparse_linear, on the nonzero rows and columns of their weight when `sliced` (passes/slice_structured_zeros.py;
-    with the columns whose inputs are the exact zeros `zeros` when it used them):
+    sparse_linear on `fmt`, the compressed weight of their rows, or of the nonzero rows and columns of their weight
+    when `sliced` (passes/slice_structured_zeros.py; fmt is then sliced.fmt; with the columns whose inputs are the
+    exact zeros `zeros` when it used them):
 
         x [..., K] -> x[..., cols] [..., K'] -> sparse_linear -> [..., N'] -> scatter rows, + bias -> [..., N]
                    -> split -> one [..., N_i] view per member"""
@@ -160,7 +156,6 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], sliced: Struc
     weights = [m.weight for m in members]
     guard_nodes, guard_tensors = _guards(zeros if sliced is not None and sliced.propagated_cols else None)
     with_dense = _needs_dense(first, options)
-    fmt = sliced.fmt if sliced is not None else compress_weights(weights, options.chunk_k, first.transposed)
     parts = dict(zip(("bitmap", "offsets", "values"), fmt.tensors()))
     if sliced is not None:  # rows [N'] (the dense fallback's outputs to keep), rowpos [N], rowkeep [N], cols [K']
         parts.update({part: t for part, t in (("rows", sliced.rows), ("rowpos", sliced.row_pos),
@@ -208,12 +203,12 @@ def _tuned_on_device(weight: torch.Tensor) -> bool:
 
 def dense_wins(members: list[LinearMatch], fmt: BitmapWeight, options: FlashLLMOptions) -> Choice | None:
     """Compile-time dispatch: the autotuner's choice for this op at the graph's static token count when it is
-    cuBLAS over every sparse kernel (else None).  Then the linears are left to Inductor as they are (cuBLAS with Inductor's own bias and
-    activation fusions, no op boundary, no compressed buffers as graph inputs) instead of an op that would run
-    cuBLAS inside anyway.  Only where the op's runtime dispatch could pick dense (kernel="auto", dense weights kept,
-    CUDA) and from a measurement (autotune on, not deterministic); shapes that vary at run time (symbolic M) keep
-    the runtime dispatch.  The measurement is the op's own (`AUTOTUNER.choose`, cached on disk), so the op and
-    this pass agree."""
+    cuBLAS over every sparse kernel (else None).  Then the linears are left to Inductor as they are (cuBLAS with
+    Inductor's own bias and activation fusions, no op boundary, no compressed buffers as graph inputs) instead of
+    an op that would run cuBLAS inside anyway.  Only where the op's runtime dispatch could pick dense
+    (kernel="auto", dense weights kept, CUDA) and from a measurement (autotune on, not deterministic); shapes that
+    vary at run time (symbolic M) keep the runtime dispatch.  The measurement is the op's own (`AUTOTUNER.choose`,
+    cached on disk), so the op and this pass agree."""
     first = members[0]
     if (options.kernel is not KernelPreference.AUTO or options.release_dense_weights or not options.autotune
             or options.deterministic or getattr(first, "dtensor", None) is not None
@@ -248,7 +243,7 @@ def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: Fl
         forget_unless_adopted(sliced if sliced is not None else fmt)
         return None
     if len(members) == 1 and sliced is None:
-        return _rewrite_one(gm, first, options, registered)
+        return _rewrite_one(gm, first, fmt, options, registered)
     name = fused_name(members)
     if len(members) > 1:
         counters["flashllm"]["fused_siblings"] += 1
@@ -266,7 +261,7 @@ def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: Fl
             counters["flashllm"]["propagated_cols"] += 1
             log.info("flashllm: %s: %d of %d input columns only multiply exact zeros (zero rows of %s), sliced away",
                      name, sliced.propagated_cols, sliced.k, ", ".join(p.name for p in zeros.producers))
-    return _rewrite_fused(gm, members, sliced, options, registered, zeros)
+    return _rewrite_fused(gm, members, fmt, sliced, options, registered, zeros)
 
 
 def _compressed_bytes(fmt: BitmapWeight, members: list[LinearMatch], match: LinearMatch) -> int:
