@@ -29,7 +29,8 @@ from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_m
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import ROWWALK_MAX_M, bitmap_rowwalk, get_bitmap_rowwalk_configs
 from flashllm_compile.codegen.kernels.bitmap_smma import bitmap_smma, get_bitmap_smma_configs
 from flashllm_compile.codegen.kernels.bitmap_unpack import bitmap_unpack, get_bitmap_unpack_configs
-from flashllm_compile.codegen.kernels.common import TileConfig, next_power_of_2
+from flashllm_compile.codegen.kernels.common import TileConfig
+from flashllm_compile.codegen.kernels.host_math import next_power_of_2
 
 log = logging.getLogger(__name__)
 

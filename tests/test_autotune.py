@@ -117,9 +117,9 @@ def test_host_cdiv_and_next_power_of_2_match_triton():
     ConstexprFunctions in Triton 3.6, ~2.5 us a call) give the same numbers."""
     import triton
 
-    from flashllm_compile.codegen.kernels.common import cdiv, next_power_of_2
+    from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
 
-    for n in range(0, 600):
+    for n in range(600):
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 7, 16, 128):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -12,14 +12,9 @@ import torch
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight, values_slack_bytes
 from flashllm_compile.codegen.kernels.bitmap_smma import _bitmap_smma_kernel, _whole_chunks, smma_supported
-from flashllm_compile.codegen.kernels.common import (
-    TileConfig,
-    cdiv,
-    interpreting,
-    launch_bitmap_kernel,
-    next_power_of_2,
-)
+from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
 from flashllm_compile.codegen.kernels.fmma_ptx import fmma_ptx, fmma_smem_bytes
+from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
 from flashllm_compile.codegen.kernels.smma_ptx import STATIC_SMEM_MAX, smma_constraints
 
 _bitmap_fmma_kernel = _bitmap_smma_kernel  # the Triton program around the PTX (launch, epilogue, stores) is shared

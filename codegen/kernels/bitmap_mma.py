@@ -11,13 +11,8 @@ import triton.language as tl
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile, store_output
-from flashllm_compile.codegen.kernels.common import (
-    TileConfig,
-    cdiv,
-    interpreting,
-    launch_bitmap_kernel,
-    next_power_of_2,
-)
+from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
+from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
 
 
 def get_bitmap_mma_configs(m: int) -> list[TileConfig]:

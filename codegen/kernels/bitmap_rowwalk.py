@@ -30,14 +30,13 @@ from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import popcount, store_output
 from flashllm_compile.codegen.kernels.common import (
     TileConfig,
-    cdiv,
     check_launch,
     finish_split_k,
     in_kernel_epilogue,
     interpreting,
-    next_power_of_2,
     split_k_output,
 )
+from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
 from flashllm_compile.codegen.kernels.rowwalk_ptx import PTX_TYPES, rowwalk_constraints, rowwalk_ptx
 
 ROWWALK_MAX_M = 8

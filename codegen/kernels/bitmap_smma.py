@@ -16,7 +16,8 @@ import triton.language as tl
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import store_elements
-from flashllm_compile.codegen.kernels.common import TileConfig, cdiv, interpreting, launch_bitmap_kernel
+from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
+from flashllm_compile.codegen.kernels.host_math import cdiv
 from flashllm_compile.codegen.kernels.smma_ptx import SMMA_CHUNK_K, SMMA_TYPES, smma_constraints, smma_ptx
 
 SMMA_BLOCK_M = (8, 16)  # tokens per program (1 or 2 n-tiles of 8: shared memory); more M runs more programs

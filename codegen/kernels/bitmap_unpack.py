@@ -16,7 +16,8 @@ import triton.language as tl
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
-from flashllm_compile.codegen.kernels.common import TileConfig, cdiv, check_launch, finish_split_k, interpreting
+from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting
+from flashllm_compile.codegen.kernels.host_math import cdiv
 
 UNPACK_MIN_M = 16  # below this the row walk / tensor-core kernels (or the kept dense weight) are the candidates
 

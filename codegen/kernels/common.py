@@ -10,6 +10,7 @@ import torch
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.epilogue import fused_epilogue
+from flashllm_compile.codegen.kernels.host_math import cdiv
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -29,17 +30,6 @@ class TileConfig(NamedTuple):
         seg = f",seg={self.segments}" if self.family == "rowwalk" else ""
         return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
                 f"s={self.num_stages}{seg}]")
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for host-side ints: triton.cdiv is a ConstexprFunction in Triton 3.6, ~2.5 us a call through
-    its dispatch, paid several times per op call in eager code and CUDA-graph recordings."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2, for host-side ints (see cdiv)."""
-    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def interpreting() -> bool:
