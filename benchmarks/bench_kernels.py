@@ -3,8 +3,10 @@
     python benchmarks/bench_kernels.py                       # LLaMA-7B shapes, M 1..64, sparsity 50..90%
     python benchmarks/bench_kernels.py --models llama70b opt66b --m 1 16 --sparsity 0.8
 
-Per (shape, sparsity, M): the autotuner's best sparse kernel (rowwalk / fmma / smma / mma / unpack, tile config measured with
-do_bench, L2 flushed) and the references, each timed as CUDA-graph replays over ROTATIONS weight copies so
+Per (shape, sparsity, M): the autotuner's best sparse kernel on the bitmap format (rowwalk / fmma / smma / mma /
+unpack) and, from 65% sparsity up to M = 64, on the Tiled-CSL format (cmma), the faster of the two as the product's
+compile-time dispatch picks it (`ours`; CSL must win by CSL_MIN_GAIN), tile configs measured as the tuner does (CUDA
+graphs, L2 flushed), and the references, each timed as CUDA-graph replays over ROTATIONS weight copies so
 weights stream from HBM: cuBLAS F.linear on the same pruned weight, cuSPARSE CSR (torch.sparse), and 2:4
 semi-structured sparsity (cuSPARSELt) on a 2:4-pruned weight at 50%.  Also the bytes floor (our format's bytes
 at the measured copy bandwidth) and the bandwidth each kernel achieves on the bytes it must move.
@@ -26,6 +28,9 @@ from timing import ROTATIONS, gpu_info, graph_time_us
 
 from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.csl import CslWeight
+from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_M
+from flashllm_compile.passes.rewrite_sparse_linear import CSL_MAX_DENSITY, CSL_MIN_GAIN
 
 SHAPES = {  # model -> {layer: (N, K)}
     "llama7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)},
@@ -64,22 +69,34 @@ def try_time(make_calls) -> float:
         return float("nan")
 
 
-def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
-    weights = [pruned(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
-    fmts = [BitmapWeight.from_dense(w) for w in weights]
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    ref = torch.nn.functional.linear(x.float(), weights[0].float())
-    choice = autotune.Autotuner()._measure(fmts[0], m, None)  # best sparse kernel, dense excluded
+def best_of_format(fmts, x, ref, where: str):
+    """(tuner's Choice, rotation-timed us, rel err) of the best sparse kernel on one format (dense excluded)."""
+    choice = autotune.Autotuner()._measure(fmts[0], x.shape[0], None)
     launch = autotune.LAUNCHERS[choice.family]
     err = ((launch(x, fmts[0], None, choice.config).float() - ref).norm() / ref.norm()).item()
     if not err < 1e-2:
-        raise AssertionError(f"{model}.{layer} M={m} s={sparsity} {choice.config.short()}: rel err {err}")
-    ours = graph_time_us([lambda f=f: launch(x, f, None, choice.config) for f in fmts])
+        raise AssertionError(f"{where} {choice.config.short()}: rel err {err}")
+    return choice, graph_time_us([lambda f=f: launch(x, f, None, choice.config) for f in fmts]), err
+
+
+def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
+    weights = [pruned(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    ref = torch.nn.functional.linear(x.float(), weights[0].float())
+    where = f"{model}.{layer} M={m} s={sparsity}"
+    fmts = [BitmapWeight.from_dense(w) for w in weights]
+    choice, ours, err = best_of_format(fmts, x, ref, where)
+    bitmap_us, csl_us = ours, float("nan")
+    if 1 - sparsity <= CSL_MAX_DENSITY and m <= CMMA_MAX_M and dtype in (torch.float16, torch.bfloat16):
+        csls = [CslWeight.from_dense(w) for w in weights]
+        csl_choice, csl_us, csl_err = best_of_format(csls, x, ref, where)
+        if csl_choice.time_us * CSL_MIN_GAIN < choice.time_us:  # the compile-time dispatch's rule
+            fmts, choice, ours, err = csls, csl_choice, csl_us, csl_err
     dense = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w) for w in weights])
     io_bytes = 2 * (x.numel() + m * n) * x.element_size()
     row = {**gpu_info(), "model": model, "layer": layer, "n": n, "k": k, "m": m, "sparsity": sparsity,
            "dtype": str(dtype).removeprefix("torch."), "kernel": choice.family, "config": choice.config.short(),
-           "ours_us": ours, "cublas_us": dense, "speedup": dense / ours,
+           "ours_us": ours, "cublas_us": dense, "speedup": dense / ours, "bitmap_us": bitmap_us, "csl_us": csl_us,
            "dispatched_speedup": dense / min(dense, ours),  # what the product runs: dense where sparse loses
            "ours_bytes_floor_us": (fmts[0].nbytes + io_bytes) / copy_gbps / 1e3,  # bytes at the copy rate
            "ours_GBps": (fmts[0].nbytes + io_bytes) / ours / 1e3,

@@ -44,8 +44,9 @@ def category(kernel_name: str) -> str:
     return "other"
 
 
-def profile_point(model, ids: torch.Tensor, new_tokens: int, backend: str) -> dict:
-    """Compile (first generate), warm up, then profile one generate: us per token per category, wall us per token."""
+def profile_point(model, ids: torch.Tensor, new_tokens: int, backend: str, top: int = 0) -> dict:
+    """Compile (first generate), warm up, then profile one generate: us per token per category, wall us per token;
+    prints the `top` most expensive kernels (us per token)."""
     from transformers import CompileConfig
 
     bench_e2e.reset_compiled_state(ids.device)
@@ -57,11 +58,14 @@ def profile_point(model, ids: torch.Tensor, new_tokens: int, backend: str) -> di
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         _, seconds = bench_e2e.timed_generate(model, ids, new_tokens, config)
-    totals = collections.Counter()
+    totals, kernels = collections.Counter(), collections.Counter()
     for event in prof.events():
         if ids.is_cuda and event.device_type == torch.autograd.DeviceType.CUDA:
             totals[category(event.name)] += event.device_time  # us
+            kernels[event.name] += event.device_time
     row = {"backend": backend, "batch": ids.shape[0], "wall_us_per_token": seconds * 1e6 / new_tokens}
+    for name, us in kernels.most_common(top):  # the kernels that cost most, for the log
+        print(f"  {backend} batch {ids.shape[0]}: {us / new_tokens:8.1f} us/token  {name[:110]}", flush=True)
     for cat in CATEGORIES:
         row[f"{cat}_us_per_token"] = totals[cat] / new_tokens
     row["gpu_busy_us_per_token"] = sum(totals.values()) / new_tokens
@@ -82,6 +86,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny dimensions (CPU smoke test)")
     parser.add_argument("--reuse-cache", action="store_true",
                         help="one StaticCache reused across generates (bench_e2e.py --reuse-cache)")
+    parser.add_argument("--top", type=int, default=0, help="print the N most expensive kernels of each point")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = parser.parse_args()
     bench_e2e.REUSE_CACHE = args.reuse_cache
@@ -100,7 +105,7 @@ def main() -> None:
         ids = torch.randint(0, dims["vocab"], (batch, args.prompt_len), device=args.device)
         for backend in ("inductor", "flashllm"):
             rows.append({**bench_e2e.gpu_info(), "layers": args.layers, "sparsity": args.sparsity,
-                         **profile_point(model, ids, args.new_tokens, backend)})
+                         **profile_point(model, ids, args.new_tokens, backend, args.top)})
             print(rows[-1], flush=True)
     with open(os.path.join(args.out, "profile_e2e.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))

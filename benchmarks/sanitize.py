@@ -8,6 +8,8 @@ NVIDIA compute-sanitizer (memcheck, racecheck, initcheck).
     python benchmarks/sanitize.py --under-sanitizer --tools memcheck --set sanitize-small
     python benchmarks/sanitize.py --interpret              # tiny set on CPU through TRITON_INTERPRET=1 (smoke test)
     python benchmarks/sanitize.py --dry-run [--under-sanitizer]   # list the cases (and commands); runs nothing
+    python benchmarks/sanitize.py --under-sanitizer --families cmma   # the Tiled-CSL kernel (on its own: the
+                                                           # sanitizer's kernel filter takes one name)
 
 Per case (shape, chunk width, dtype, M, tile config): the launcher's output against the fp32 dense reference on
 the same pruned weight, element by element (bound: output rounding + fp32 accumulation), and no NaN.  Without a
@@ -40,6 +42,8 @@ from timing import gpu_info
 
 from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.csl import CslWeight
+from flashllm_compile.codegen.kernels.csl_mma import get_csl_mma_configs
 
 TOOLS = ("memcheck", "racecheck", "initcheck")
 LLAMA_7B = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (11008, 4096), "down": (4096, 11008)}
@@ -63,10 +67,14 @@ OUT_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0*
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def configs_for(m: int, which: str) -> list:
+CSL_FAMILY = "cmma"  # on the Tiled-CSL format; only where asked for (--families), see the module docstring
+
+
+def configs_for(m: int, which: str, families: list[str] | None = None) -> list:
     """Every config of every family for M tokens ("all"), or per family its first config at the smallest and the
-    largest split-K ("family": the interpreter's smoke test)."""
-    configs = candidate_configs(m)
+    largest split-K ("family": the interpreter's smoke test); `families`: only those (default: the bitmap's)."""
+    configs = candidate_configs(m) + (get_csl_mma_configs(m) if families and CSL_FAMILY in families else [])
+    configs = [c for c in configs if (c.family in families if families else c.family != CSL_FAMILY)]
     if which == "all":
         return configs
     picked = []
@@ -76,15 +84,16 @@ def configs_for(m: int, which: str) -> list:
     return picked
 
 
-def case_plan(set_name: str, m_values=None, dtypes=None) -> list[tuple]:
-    """[(shape name, N, K, chunk_k, dtype name, M, config)] of a case set."""
+def case_plan(set_name: str, m_values=None, dtypes=None, families=None) -> list[tuple]:
+    """[(shape name, N, K, chunk_k, dtype name, M, config)] of a case set (cmma: fp16 / bf16 only)."""
     shapes, chunks, ms, dts, which = CASE_SETS[set_name]
     plan = []
     for name, (n, k) in shapes.items():
         for chunk_k in chunks if name.startswith("odd") else chunks[:1]:  # odd shapes also at a second width
             for dtype in dtypes or dts:
                 for m in m_values or ms:
-                    plan += [(name, n, k, chunk_k, dtype, m, c) for c in configs_for(m, which)]
+                    plan += [(name, n, k, chunk_k, dtype, m, c) for c in configs_for(m, which, families)
+                             if c.family != CSL_FAMILY or dtype != "float32"]
     return plan
 
 
@@ -122,15 +131,21 @@ def run_cases(plan: list[tuple], device: str, build_on_cpu: bool, log) -> tuple[
     make_on = "cpu" if build_on_cpu else device
     for index, (name, n, k, chunk_k, dtype_name, m, config) in enumerate(plan):
         dtype = getattr(torch, dtype_name)
-        key = (name, chunk_k, dtype_name)
+        csl = config.family == CSL_FAMILY
+        key = (name, chunk_k, dtype_name, csl)
         if key not in weights:
             weights.clear()  # one weight alive at a time (LLaMA shapes, no caching allocator under the sanitizer)
             inputs.clear()
             odd = name.startswith("odd")
-            w = pruned(n, k, 0.5 if odd else 0.8, odd, make_on, zlib.crc32(name.encode())).to(dtype)
-            fmt = BitmapWeight.from_dense(w, chunk_k)
+            # the Tiled-CSL kernel holds up to 32 words a lane per chunk (>= ~65% sparsity): odd shapes at 80%
+            w = pruned(n, k, 0.5 if odd and not csl else 0.8, odd, make_on, zlib.crc32(name.encode())).to(dtype)
             bias = torch.randn(n, device=make_on).to(dtype)
-            fmt = BitmapWeight(*(t.to(device) for t in fmt.tensors()), fmt.n, fmt.k, fmt.chunk_k)
+            if csl:
+                fmt = CslWeight.from_dense(w)
+                fmt = CslWeight(*(t.to(device) for t in fmt.parts().values()), fmt.n, fmt.k, fmt.max_groups)
+            else:
+                fmt = BitmapWeight.from_dense(w, chunk_k)
+                fmt = BitmapWeight(*(t.to(device) for t in fmt.tensors()), fmt.n, fmt.k, fmt.chunk_k)
             weights[key] = (w, fmt, bias, bias.to(device))
         w, fmt, bias_ref, bias = weights[key]
         if (key, m) not in inputs:
@@ -165,6 +180,8 @@ def child_command(set_name: str, args, tool: str | None = None) -> list[str]:
         child += ["--m", *map(str, args.m)]
     if args.dtypes:
         child += ["--dtypes", *args.dtypes]
+    if args.families:
+        child += ["--families", *args.families]
     return child
 
 
@@ -173,7 +190,7 @@ def sanitizer_command(tool: str, exe: str, set_name: str, args, supports_kernel_
     # only our Triton kernels (_bitmap_<family>_kernel); initcheck also watches torch's split-K reduction,
     # which is what reads the fp32 partials a kernel might have left unwritten
     if supports_kernel_filter and not args.all_kernels and tool != "initcheck":
-        cmd += ["--kernel-name", "kns=_bitmap"]
+        cmd += ["--kernel-name", "kns=_csl_mma" if args.families == [CSL_FAMILY] else "kns=_bitmap"]
     if tool == "racecheck":
         cmd += ["--racecheck-report", "all"]
     return cmd + child_command(set_name, args, tool)
@@ -203,7 +220,7 @@ def under_sanitizer(args) -> int:
     env.pop("TRITON_INTERPRET", None)
     for tool in args.tools:
         set_name = args.set or TOOL_SET[tool]
-        n_cases = len(case_plan(set_name, args.m, args.dtypes))
+        n_cases = len(case_plan(set_name, args.m, args.dtypes, args.families))
         cmd = sanitizer_command(tool, exe, set_name, args, "--kernel-name" in help_text)
         print(" ".join(cmd), flush=True)
         if args.dry_run:
@@ -259,6 +276,9 @@ def main() -> int:
                              "racecheck 'sanitize-small'; with --interpret 'tiny')")
     parser.add_argument("--m", nargs="+", type=int, default=None, help="token counts (default: the set's)")
     parser.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16", "float32"], default=None)
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="only these kernel families (default: the bitmap's; cmma, the Tiled-CSL one, runs only "
+                             "when named: the sanitizer's kernel filter takes one name)")
     parser.add_argument("--under-sanitizer", action="store_true", help="re-run under compute-sanitizer, per tool")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--sanitizer", default=os.environ.get("COMPUTE_SANITIZER", "compute-sanitizer"))
@@ -274,7 +294,7 @@ def main() -> int:
     if args.under_sanitizer:
         return under_sanitizer(args)
     set_name = args.set or ("tiny" if args.interpret else "full")
-    plan = case_plan(set_name, args.m, args.dtypes)
+    plan = case_plan(set_name, args.m, args.dtypes, args.families)
     if args.dry_run:
         families = sorted({c.family for *_, c in plan})
         print(f"set {set_name}: {len(plan)} cases; families {families}; "

@@ -24,22 +24,28 @@ import torch
 import triton
 
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.bitmap_fmma import bitmap_fmma, get_bitmap_fmma_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import ROWWALK_MAX_M, bitmap_rowwalk, get_bitmap_rowwalk_configs
 from flashllm_compile.codegen.kernels.bitmap_smma import bitmap_smma, get_bitmap_smma_configs
 from flashllm_compile.codegen.kernels.bitmap_unpack import bitmap_unpack, get_bitmap_unpack_configs
 from flashllm_compile.codegen.kernels.common import TileConfig
+from flashllm_compile.codegen.kernels.csl_mma import cmma_default_config, csl_mma, get_csl_mma_configs
 from flashllm_compile.codegen.kernels.host_math import next_power_of_2
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = {"fmma": bitmap_fmma, "mma": bitmap_mma, "rowwalk": bitmap_rowwalk, "smma": bitmap_smma, "unpack": bitmap_unpack}
-GPU_ONLY_FAMILIES = frozenset({"fmma", "smma"})  # whole programs in inline PTX: no interpreter path, fp16 / bf16 only
+LAUNCHERS = {"fmma": bitmap_fmma, "mma": bitmap_mma, "rowwalk": bitmap_rowwalk, "smma": bitmap_smma, "unpack": bitmap_unpack,
+             "cmma": csl_mma}
+GPU_ONLY_FAMILIES = frozenset({"fmma", "smma", "cmma"})  # whole programs in inline PTX: no interpreter path, fp16/bf16
+CompressedWeight = BitmapWeight | CslWeight
 
 
-def candidate_configs(m: int) -> list[TileConfig]:
-    """Every sparse config worth timing for M tokens, all families."""
+def candidate_configs(m: int, fmt: CompressedWeight | None = None) -> list[TileConfig]:
+    """Every sparse config worth timing for M tokens on `fmt`'s format (default: the bitmap's), all families."""
+    if isinstance(fmt, CslWeight):
+        return get_csl_mma_configs(m)
     return (get_bitmap_rowwalk_configs(m) + get_bitmap_fmma_configs(m) + get_bitmap_smma_configs(m)
             + get_bitmap_mma_configs(m) + get_bitmap_unpack_configs(m))
 DENSITY_STEP = 0.05  # densities within one step share a tuning result
@@ -85,12 +91,13 @@ def default_config(m: int) -> TileConfig:
     return TileConfig("mma", 64, 64, 1, 4, 3)
 
 
-def untuned_choice(m: int, allow_dense: bool) -> Choice:
+def untuned_choice(m: int, allow_dense: bool, fmt: CompressedWeight | None = None) -> Choice:
     """What runs without a measurement: dense where allowed (never slower than the model's own op), else the
-    default sparse config for M."""
+    default sparse config for M on `fmt`'s format."""
     if allow_dense:
         return Choice("dense", None, float("nan"), float("nan"))
-    return Choice(default_config(m).family, default_config(m), float("nan"), float("nan"))
+    config = cmma_default_config(m) if isinstance(fmt, CslWeight) else default_config(m)
+    return Choice(config.family, config, float("nan"), float("nan"))
 
 
 @functools.cache
@@ -116,11 +123,15 @@ def dense_shape(dense: torch.Tensor | list[torch.Tensor] | None) -> tuple[int, i
     return sum(p.shape[0] for p in parts), parts[0].shape[1]
 
 
-def _key(fmt: BitmapWeight, m: int, allow_dense: bool, dense: tuple[int, int] | None = None) -> str:
+def _key(fmt: CompressedWeight, m: int, allow_dense: bool, dense: tuple[int, int] | None = None) -> str:
+    """The bitmap: "<dtype>:<N>x<K>:ck<chunk_k>:d<density>:m<M bucket>:dense<0|1>[:full<N>x<K>]"; Tiled-CSL: the same
+    with "csl:" in front and the kernel's word registers "g<max_groups>" for ck (density counts its filler words)."""
     density = round(round(fmt.nnz / max(1, fmt.n * fmt.k) / DENSITY_STEP) * DENSITY_STEP, 2)
     dtype = str(fmt.dtype).removeprefix("torch.")
     full = f":full{dense[0]}x{dense[1]}" if allow_dense and dense is not None and dense != (fmt.n, fmt.k) else ""
-    return f"{dtype}:{fmt.n}x{fmt.k}:ck{fmt.chunk_k}:d{density}:m{m_bucket(m)}:dense{int(allow_dense)}{full}"
+    layout = f"csl:{dtype}:{fmt.n}x{fmt.k}:g{fmt.max_groups}" if isinstance(fmt, CslWeight) else \
+        f"{dtype}:{fmt.n}x{fmt.k}:ck{fmt.chunk_k}"
+    return f"{layout}:d{density}:m{m_bucket(m)}:dense{int(allow_dense)}{full}"
 
 
 class Autotuner:
@@ -164,13 +175,13 @@ class Autotuner:
         except OSError as e:
             warnings.warn(f"flashllm: could not write autotune cache {path}: {e}", stacklevel=2)
 
-    def choose(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | list[torch.Tensor] | None, *,
+    def choose(self, fmt: CompressedWeight, m: int, dense_weight: torch.Tensor | list[torch.Tensor] | None, *,
                allow_dense: bool, tune: bool, cache_dir: str) -> Choice:
         """The implementation to run for M tokens (`dense_weight` as in `dense_linear`). Tunes on first sight of a key, unless `tune` is False or a
         CUDA graph is being captured (then the untuned default).  Called on every op call: a hit costs one dict
         lookup."""
         full = dense_shape(dense_weight) if allow_dense else None
-        fast_key = (fmt.n, fmt.k, fmt.chunk_k, fmt.nnz, fmt.values.dtype, fmt.values.device, m_bucket(m), allow_dense,
+        fast_key = (fmt.LAYOUT, fmt.n, fmt.k, fmt.op_param, fmt.nnz, fmt.dtype, fmt.device, m_bucket(m), allow_dense,
                     full)
         choice = self._fast.get(fast_key)
         if choice is not None:
@@ -178,15 +189,15 @@ class Autotuner:
             return choice
         key = _key(fmt, m, allow_dense, full)
         with self._lock:
-            path = self.cache_file(cache_dir, fmt.values.device)
+            path = self.cache_file(cache_dir, fmt.device)
             self._load(path)
             if key in self._choices:
                 self.hits += 1
                 self._fast[fast_key] = self._choices[key]
                 return self._choices[key]
-            capturing = fmt.values.is_cuda and torch.cuda.is_current_stream_capturing()
+            capturing = fmt.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             if not tune or capturing:
-                return untuned_choice(m, allow_dense)
+                return untuned_choice(m, allow_dense, fmt)
             choice = self._measure(fmt, m, dense_weight if allow_dense else None)
             self._choices[key] = self._fast[fast_key] = choice
             self.tunings += 1
@@ -194,16 +205,16 @@ class Autotuner:
             log.info("flashllm autotune %s -> %s", key, choice)
             return choice
 
-    def _measure(self, fmt: BitmapWeight, m: int, dense_weight: torch.Tensor | list[torch.Tensor] | None) -> Choice:
+    def _measure(self, fmt: CompressedWeight, m: int, dense_weight: torch.Tensor | list[torch.Tensor] | None) -> Choice:
         m = m_bucket(m)
-        x = torch.randn(m, fmt.k, device=fmt.values.device, dtype=fmt.dtype)
+        x = torch.randn(m, fmt.k, device=fmt.device, dtype=fmt.dtype)
         timings: list[tuple[float, str, TileConfig | None]] = []
         dense_us = float("nan")
         if dense_weight is not None:  # on its own K: a sliced op's dense fallback runs the full weight on the full x
             x_dense = torch.randn(m, dense_shape(dense_weight)[1], device=x.device, dtype=x.dtype)
             dense_us = bench_us(lambda: dense_linear(x_dense, dense_weight))
             timings.append((dense_us, "dense", None))
-        for config in candidate_configs(m):
+        for config in candidate_configs(m, fmt):
             try:
                 t = bench_us(lambda c=config: LAUNCHERS[c.family](x, fmt, None, c))
             except Exception as e:  # noqa: BLE001 -- e.g. a config needing more shared memory than this GPU has
@@ -218,18 +229,20 @@ class Autotuner:
         return Choice(best[1], best[2], best[0], dense_us)
 
     def choices_for(self, n: int, k: int, chunk_k: int, dtype: torch.dtype | str,
-                    density: float | None = None) -> dict[int, Choice]:
+                    density: float | None = None, layout: str = "bitmap") -> dict[int, Choice]:
         """Read-only: {M bucket: Choice} known in memory for an [n, k] weight (all densities unless `density`
-        is given, then the one of its DENSITY_STEP bin).  For reports (`flashllm_compile.explain`)."""
+        is given, then the one of its DENSITY_STEP bin) in `layout` ("bitmap" with `chunk_k`, or "csl", whose
+        density is that of its stored words).  For reports (`flashllm_compile.explain`)."""
         dtype = str(dtype).removeprefix("torch.")
-        prefix = f"{dtype}:{n}x{k}:ck{chunk_k}:"
+        prefix = f"csl:{dtype}:{n}x{k}:" if layout == "csl" else f"{dtype}:{n}x{k}:ck{chunk_k}:"
         want_d = None if density is None else round(round(density / DENSITY_STEP) * DENSITY_STEP, 2)
         out: dict[int, Choice] = {}
         with self._lock:
             for key, choice in sorted(self._choices.items()):
                 if not key.startswith(prefix):
                     continue
-                d_part, m_part = key[len(prefix):].split(":")[:2]
+                fields = key[len(prefix):].split(":")
+                d_part, m_part = fields[1:3] if layout == "csl" else fields[:2]
                 if want_d is None or float(d_part[1:]) == want_d:
                     out[int(m_part[1:])] = choice
         return dict(sorted(out.items()))
@@ -247,7 +260,11 @@ class Autotuner:
 
 GRAPH_CALLS = 8  # calls per captured CUDA graph when timing one candidate (more: less flush noise per call)
 GRAPH_REPLAYS = 9  # replays of it; the median is taken
-FLUSH_BYTES = 128 << 20  # > the H100's 50 MB L2: written before each call so the weights come from HBM
+# > the H100's 50 MB L2: READ before each call so the weights come from HBM.  Writing it instead (zero_) left L2
+# full of dirty lines whose write-back the timed call paid: cuBLAS measured 15-18% slower than over rotated weight
+# copies, the sparse kernels (fewer bytes, fewer evictions) 0-10%, so the tuner picked sparse kernels that lose
+# inside a model (H100, LLaMA-7B shapes; reading: within 3% of rotation for both; benchmarks/RESULTS.md).
+FLUSH_BYTES = 128 << 20
 
 
 def replay_us(graph: torch.cuda.CUDAGraph, replays: int = GRAPH_REPLAYS) -> float:
@@ -279,7 +296,7 @@ def bench_us(fn) -> float:
             graphs[name] = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graphs[name]):
                 for _ in range(GRAPH_CALLS):
-                    flush.zero_()
+                    flush.amax()
                     body()
         return max(0.0, replay_us(graphs["call"]) - replay_us(graphs["flush"])) / GRAPH_CALLS
     except RuntimeError as e:  # e.g. a capture-unsafe call: measure eagerly instead

@@ -22,7 +22,9 @@ import torch
 from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.report import LinearDecision, decision_table, record_decisions
 
-FAMILIES = ("rowwalk", "fmma", "smma", "mma", "unpack")  # Triton kernel families, in the order they are shown
+FAMILIES = ("rowwalk", "fmma", "cmma", "smma", "mma", "unpack")  # Triton kernel families, in the order shown
+# family -> (module under codegen/kernels, its @triton.jit kernel); the bitmap families follow bitmap_<family>
+KERNEL_MODULES = {"cmma": ("csl_mma", "_csl_mma_kernel")}
 
 
 @dataclass
@@ -50,7 +52,7 @@ class LayerReport:
     """One linear-like op: the backend's LinearDecision plus format and kernel choices."""
 
     decision: LinearDecision
-    format: str  # "bitmap(chunk_k=128)" for rewritten layers, "" otherwise
+    format: str  # "bitmap(chunk_k=128)" or "csl(Tiled-CSL)" for rewritten layers, "" otherwise
     kernels: list[KernelChoice] = field(default_factory=list)
     note: str = ""  # e.g. "emulated (CPU)" when no Triton kernel ran
 
@@ -140,7 +142,10 @@ def _kernel_choices(d: LinearDecision, chunk_k: int) -> list[KernelChoice]:
 
     n, k = d.op_shape or (d.out_features, d.in_features)  # a fused / sliced linear is tuned as its op's shape
     density = d.op_density if d.op_density is not None else 1.0 - d.sparsity
-    choices = AUTOTUNER.choices_for(n, k, chunk_k, d.dtype, density=density)
+    if d.layout == "csl":  # keyed by the density of its stored words (nonzeros + filler): every density of the shape
+        choices = AUTOTUNER.choices_for(n, k, chunk_k, d.dtype, layout="csl")
+    else:
+        choices = AUTOTUNER.choices_for(n, k, chunk_k, d.dtype, density=density)
     return [KernelChoice(m, c.family, c.config.short() if c.config else "", c.time_us, c.dense_us)
             for m, c in choices.items()]
 
@@ -149,7 +154,8 @@ def _layer_report(d: LinearDecision, opts: FlashLLMOptions, device: torch.device
     if not d.rewritten:
         return LayerReport(d, "")
     shape = f", op {d.op_shape[0]}x{d.op_shape[1]}" if d.op_shape else ""
-    layer = LayerReport(d, f"bitmap(chunk_k={opts.chunk_k}{shape})" + (f" fused {d.group}" if d.group else ""))
+    fmt = "csl(Tiled-CSL" if d.layout == "csl" else f"bitmap(chunk_k={opts.chunk_k}"
+    layer = LayerReport(d, f"{fmt}{shape})" + (f" fused {d.group}" if d.group else ""))
     if opts.kernel.value in ("emulated", "dense"):
         layer.note = opts.kernel.value
     elif device.type != "cuda":
@@ -168,25 +174,32 @@ def _jit_source(fn) -> str:
         return "@triton.jit\n" + fn.src
 
 
+def _kernel_of(family: str):
+    """(kernels module, @triton.jit kernel) of a family."""
+    import importlib
+
+    module_name, kernel_name = KERNEL_MODULES.get(family, (f"bitmap_{family}", f"_bitmap_{family}_kernel"))
+    module = importlib.import_module(f"flashllm_compile.codegen.kernels.{module_name}")
+    return module, getattr(module, kernel_name)
+
+
 def _device_functions(module) -> dict[str, object]:
     """The @triton.jit functions a kernels module defines (not its kernels `_bitmap_*_kernel`), by name.  Duck-typed:
     under TRITON_INTERPRET=1 the decorator makes interpreter objects, not JITFunctions; both wrap `.fn`."""
     return {name: fn for name, fn in vars(module).items()
             if inspect.isfunction(getattr(fn, "fn", None)) and fn.fn.__module__ == module.__name__
-            and not (name.startswith("_bitmap_") and name.endswith("_kernel"))}
+            and not (name.startswith("_") and name.endswith("_kernel"))}
 
 
 def kernel_source(family: str) -> str:
     """The Triton source of one kernel family: the @triton.jit kernel plus every device function it calls, directly
     or through each other (its own module's, codegen/kernels/bitmap_decode.py's, epilogue.py's), and for the row
-    walk the inline PTX of its inner loop (BLOCK_M = 1, fp16), for fmma and smma the PTX program body (BLOCK_M = 16,
-    fp16)."""
-    import importlib
+    walk the inline PTX of its inner loop (BLOCK_M = 1, fp16), for fmma, cmma and smma the PTX program body
+    (BLOCK_M = 16, fp16)."""
+    from flashllm_compile.codegen.kernels import bitmap_decode, cmma_ptx, epilogue, fmma_ptx, rowwalk_ptx, smma_ptx
 
-    from flashllm_compile.codegen.kernels import bitmap_decode, epilogue, fmma_ptx, rowwalk_ptx, smma_ptx
-
-    module = importlib.import_module(f"flashllm_compile.codegen.kernels.bitmap_{family}")
-    kernel_src = _jit_source(getattr(module, f"_bitmap_{family}_kernel"))
+    module, kernel = _kernel_of(family)
+    kernel_src = _jit_source(kernel)
     available = {name: (mod, fn) for mod in (epilogue, bitmap_decode, module)
                  for name, fn in _device_functions(mod).items()}
     used, pending = set(), [kernel_src]
@@ -203,7 +216,7 @@ def kernel_source(family: str) -> str:
             parts.append(f"# from {mod.__name__.removeprefix('flashllm_compile.').replace('.', '/')}.py: "
                          f"{', '.join(names)}")
             parts += [_jit_source(available[name][1]) for name in names]
-    parts += [f"# the kernel, from codegen/kernels/bitmap_{family}.py", kernel_src]
+    parts += [f"# the kernel, from {module.__name__.removeprefix('flashllm_compile.').replace('.', '/')}.py", kernel_src]
     if family == "rowwalk":
         parts += ["# inline PTX of the walk on the GPU (codegen/kernels/rowwalk_ptx.py, BLOCK_M=1, fp16, K=4096, x staged)",
                   "\n".join("# " + line for line in rowwalk_ptx.rowwalk_ptx(
@@ -211,6 +224,10 @@ def kernel_source(family: str) -> str:
     if family == "fmma":
         parts += ["# inline PTX of the program on the GPU (codegen/kernels/fmma_ptx.py, 2 warps, BLOCK_M=16, fp16)",
                   "\n".join("# " + line for line in fmma_ptx.fmma_ptx(2, 2, "float16").splitlines())]
+    if family == "cmma":
+        ptx = cmma_ptx.cmma_ptx(2, 2, "float16", 16)
+        parts += ["# inline PTX of the program on the GPU (codegen/kernels/cmma_ptx.py, 2 warps, BLOCK_M=16, fp16)",
+                  "\n".join("# " + line for line in ptx.splitlines())]
     if family == "smma":
         parts += ["# inline PTX of the program on the GPU (codegen/kernels/smma_ptx.py, BLOCK_N=32, BLOCK_M=16, fp16)",
                   "\n".join("# " + line for line in smma_ptx.smma_ptx(32, 2, "float16").splitlines())]
@@ -219,10 +236,7 @@ def kernel_source(family: str) -> str:
 
 def _compiled_asm(family: str) -> dict[str, str]:
     """PTX / TTGIR of the first compiled specialisation in Triton's in-process cache (best effort, CUDA)."""
-    import importlib
-
-    module = importlib.import_module(f"flashllm_compile.codegen.kernels.bitmap_{family}")
-    fn = getattr(module, f"_bitmap_{family}_kernel")
+    _, fn = _kernel_of(family)
     try:
         for cache in getattr(fn, "device_caches", {}).values():
             kernels = cache[0] if isinstance(cache, tuple) else cache

@@ -17,6 +17,7 @@ from flashllm_compile.codegen.autotune import AUTOTUNER, LAUNCHERS, dense_linear
 from flashllm_compile.codegen.epilogue_spec import Epilogue, apply_epilogue, parse_epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.cache import replaced_weights, weight_is_stale
+from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.bitmap_unpack import unpack_weight
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES, finish_split_k, interpreting
 from flashllm_compile.options import KernelPreference, default_cache_dir
@@ -62,7 +63,7 @@ def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Te
 @torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=(
     "(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor? bias, Tensor? dense_weight, SymInt n, SymInt k, "
     "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None, str? runtime=None, "
-    "str? epilogue=None, Tensor? residual=None, Tensor? in_cols=None, Tensor? out_rows=None) -> Tensor"))
+    "str? epilogue=None, Tensor? residual=None, Tensor? in_cols=None, Tensor? out_rows=None, str? layout=None) -> Tensor"))
 def sparse_linear(
     x: torch.Tensor,
     bitmap: torch.Tensor,
@@ -82,6 +83,7 @@ def sparse_linear(
     residual: torch.Tensor | None = None,
     in_cols: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor:
     """y[..., N] = x[..., K] @ W[N, K]^T (+ bias) with W given by the bitmap format (bitmap, offsets, values),
     then the epilogue, in fp32 before the cast (codegen/epilogue_spec.py; folded by passes/fuse_epilogues.py).
@@ -98,6 +100,9 @@ def sparse_linear(
     [N, K] of a full weight [N_full, K_full]; x is the full input [..., K_full].  The sparse kernels read
     x[..., in_cols]; the dense fallback runs the full weight (`dense_weight` or the members `weights`, in place: no
     per-call copy of W[rows][:, cols]) on the full x and keeps the out_rows outputs.
+    layout: the compressed weight's format: None / "bitmap" (bitmap, offsets, values; chunk_k) or "csl", the
+    Tiled-CSL format (codegen/formats/csl.py): then bitmap / offsets / values carry its items, seg_start and a
+    [0] tensor of the weight's dtype, and chunk_k its max_groups.
     """
     _check_weight_unchanged(weight_token, name, dense_weight, weights)
     k_full = k if in_cols is None else x.shape[-1]  # features of x (and of the dense fallback weight)
@@ -111,7 +116,7 @@ def sparse_linear(
         raise ValueError(f"flashllm '{name}': in_cols selects {in_cols.shape[0]} features, the weight expects {k}")
     if in_cols is None and x.shape[-1] != k:
         raise ValueError(f"flashllm '{name}': input has {x.shape[-1]} features, the weight expects {k}")
-    fmt = BitmapWeight(bitmap, offsets, values, n, k, chunk_k)
+    fmt = weight_format(layout, bitmap, offsets, values, n, k, chunk_k)
     x_full = x.reshape(-1, k_full)  # [M, K_full]: what the dense fallback reads
     m = x_full.shape[0]
     epi = _epilogue(epilogue, residual, x, n, name)  # None: plain linear
@@ -129,7 +134,8 @@ def sparse_linear(
             out = apply_epilogue(out[None], bias, epi, x.dtype)
     elif preference is KernelPreference.DENSE:
         if dense is None:  # the Triton unpack pass on the GPU (to_dense's boolean indexing syncs the device)
-            unpacked = unpack_weight(fmt) if x.is_cuda and values.dtype in KERNEL_DTYPES else fmt.to_dense()
+            unpacked = unpack_weight(fmt) if (x.is_cuda and values.dtype in KERNEL_DTYPES
+                                              and isinstance(fmt, BitmapWeight)) else fmt.to_dense()
             family, out = "dense", _dense_linear(_kept_columns(x_full, in_cols), unpacked, bias, epi)
         else:
             family, out = "dense", _dense_linear(x_full, dense, bias, epi, out_rows)
@@ -137,7 +143,7 @@ def sparse_linear(
         allow_dense = preference is KernelPreference.AUTO and dense is not None
         settings = _runtime(runtime)
         if settings["deterministic"]:  # a choice that does not depend on timings (FlashLLMOptions.deterministic)
-            choice = untuned_choice(m, allow_dense)
+            choice = untuned_choice(m, allow_dense, fmt)
         else:
             choice = AUTOTUNER.choose(fmt, m, dense, allow_dense=allow_dense,
                                       tune=settings["autotune"] and not interpreting(),
@@ -149,6 +155,16 @@ def sparse_linear(
             out = LAUNCHERS[family](_kept_columns(x_full, in_cols), fmt, bias, choice.config, epi)
     KERNEL_HITS[family] += 1
     return out.reshape(*x.shape[:-1], n_out)
+
+
+def weight_format(layout: str | None, t0: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, n: int, k: int,
+                  param: int) -> BitmapWeight | CslWeight:
+    """The compressed weight an op call carries: its three tensor operands and its integer format argument."""
+    if layout in (None, BitmapWeight.LAYOUT):
+        return BitmapWeight(t0, t1, t2, n, k, param)
+    if layout == CslWeight.LAYOUT:
+        return CslWeight(t0, t1, t2, n, k, param)
+    raise ValueError(f"flashllm: unknown weight layout {layout!r}")
 
 
 def _kept_columns(x2d: torch.Tensor, in_cols: torch.Tensor | None) -> torch.Tensor:
@@ -198,7 +214,7 @@ def _dense_epilogue(y: torch.Tensor, bias: torch.Tensor | None, epi: Epilogue) -
 
 @sparse_linear.register_fake
 def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None,
-      runtime=None, epilogue=None, residual=None, in_cols=None, out_rows=None):
+      runtime=None, epilogue=None, residual=None, in_cols=None, out_rows=None, layout=None):
     if in_cols is None:
         torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
     _, glu = parse_epilogue(epilogue)
@@ -214,6 +230,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
     ctx.epilogue = (inputs[14], inputs[15] is not None)  # (epilogue, has residual)
     ctx.name = inputs[10]
+    ctx.layout = inputs[18] if len(inputs) > 18 else None
 
 
 def _backward(ctx, grad):
@@ -229,8 +246,8 @@ def _backward(ctx, grad):
     if ctx.sliced and ctx.needs_input_grad[5]:
         raise RuntimeError(f"flashllm '{ctx.name}': no weight gradient through a sliced sparse_linear; compile with "
                            "slice_structured_zeros=False to train its weight")
-    weight = dense_weight if dense_weight is not None and not ctx.sliced else BitmapWeight(
-        bitmap, offsets, values, n, k, chunk_k).to_dense()  # [N, K] (a sliced op: W[rows][:, cols])
+    weight = dense_weight if dense_weight is not None and not ctx.sliced else weight_format(
+        ctx.layout, bitmap, offsets, values, n, k, chunk_k).to_dense()  # [N, K] (a sliced op: W[rows][:, cols])
     grad2d = grad.reshape(-1, n)
     grad_x = None
     if ctx.needs_input_grad[0]:

@@ -64,6 +64,12 @@ class FlashLLMOptions:
     fuse_epilogues     fold the pointwise ops right after a rewritten linear into its op: the SwiGLU product
                        silu(gate) * up of fused gate/up siblings, an activation (silu, gelu, relu), a residual add;
                        computed in fp32 in the kernel's split-K epilogue (passes/fuse_epilogues.py).
+    csl                where a graph's token count is static (decode steps under mode="reduce-overhead") and M <= 64,
+                       also compress each rewritten weight in the Tiled-CSL format (codegen/formats/csl.py) and run
+                       it where its kernel measures faster than the bitmap's (H100, LLaMA-7B shapes: 1.3-1.5x
+                       cuBLAS at M = 8..16 and 80-90% sparsity, against 1.15-1.2x; benchmarks/RESULTS.md).  It
+                       stores 4 bytes a nonzero (the bitmap: 2 + 1/8 per element), so None (default) allows it
+                       unless release_dense_weights asks for the least memory; True / False force it on / off.
     deterministic      outputs reproducible across processes, not only across calls: every kernel already reduces
                        split-K partials in a fixed order (no atomics), and this also makes the kernel choice
                        independent of timings (the untuned defaults: dense where the dense weight is kept, else
@@ -82,9 +88,14 @@ class FlashLLMOptions:
     fuse_siblings: bool = True
     slice_structured_zeros: bool = True
     fuse_epilogues: bool = True
+    csl: bool | None = None
     deterministic: bool = False
     mode: str | None = None
     inductor_config: dict[str, Any] = field(default_factory=dict)
+
+    def csl_allowed(self) -> bool:
+        """Whether the compile-time dispatch may choose the Tiled-CSL format (see `csl`)."""
+        return self.csl if self.csl is not None else not self.release_dense_weights
 
     def runtime_spec(self) -> str:
         """The settings a compiled op reads at run time, as the op's `runtime` argument (JSON)."""

@@ -25,6 +25,7 @@ class LinearDecision:
     op_density: float | None = None
     group: str = ""
     epilogue: str = ""  # pointwise ops folded into that op (passes/fuse_epilogues.py), e.g. "+silu*up +residual"
+    layout: str = ""  # the compressed format of rewritten layers: "bitmap" or "csl" (Tiled-CSL)
 
 
 _RECORDERS: list[list[LinearDecision]] = []

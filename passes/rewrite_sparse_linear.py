@@ -24,16 +24,17 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
-from flashllm_compile.codegen.autotune import AUTOTUNER, Choice
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.autotune import AUTOTUNER, Choice, CompressedWeight
 from flashllm_compile.codegen.formats.cache import (
     adopt,
+    compress_csl,
     compress_weight,
     compress_weights,
     forget_unless_adopted,
     watch_weight,
     watch_weights,
 )
+from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_GROUPS, CMMA_MAX_M
 from flashllm_compile.options import FlashLLMOptions, KernelPreference
 from flashllm_compile.passes.dtensor_linears import local_shard, sparse_linear_dtensor
 from flashllm_compile.passes.find_sparse_linears import LinearMatch, find_sparse_linears
@@ -49,7 +50,7 @@ from flashllm_compile.report import LinearDecision, publish
 
 log = logging.getLogger("flashllm_compile")
 BUFFER_PREFIX = "_flashllm_w"
-DENSE_FASTER = "dense_faster"  # skip reason of linears left to Inductor by the compile-time dispatch (dense_wins)
+DENSE_FASTER = "dense_faster"  # skip reason of linears left to Inductor by the compile-time dispatch (static_dispatch)
 
 
 def _fake_like(gm: fx.GraphModule, example_val: torch.Tensor | None, tensor: torch.Tensor):
@@ -74,16 +75,21 @@ def _register_parts(gm: fx.GraphModule, owner: object, parts: dict[str, torch.Te
     return registered[id(owner)]
 
 
-def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, fmt: BitmapWeight, options: FlashLLMOptions,
+def _layout_kwargs(fmt: CompressedWeight) -> dict:
+    """sparse_linear's `layout` keyword for a format other than the bitmap (the default)."""
+    return {} if fmt.LAYOUT == "bitmap" else {"layout": fmt.LAYOUT}
+
+
+def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, fmt: CompressedWeight, options: FlashLLMOptions,
                  registered: dict[int, tuple[str, ...]]):
     """Replace one linear by sparse_linear on `fmt`, its compressed weight (registered as gm buffers once per
     graph)."""
-    names = _register_parts(gm, fmt, dict(zip(("bitmap", "offsets", "values"), fmt.tensors())), registered)
+    names = _register_parts(gm, fmt, fmt.parts(), registered)
     graph, node = gm.graph, match.node
     x_val = local_shard(match.x.meta.get("val", match.x.meta.get("example_value")))  # DTensor: its fake local
     with graph.inserting_before(node):
         tensor_nodes = []
-        for name, tensor in zip(names, fmt.tensors()):
+        for name, tensor in zip(names, fmt.parts().values()):
             get = graph.get_attr(name)
             get.meta["val"] = get.meta["example_value"] = _fake_like(gm, x_val, tensor)
             tensor_nodes.append(get)
@@ -95,7 +101,8 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, fmt: BitmapWeight, opti
                 for key in ("val", "example_value"):
                     if key in match.weight_node.meta:
                         dense.meta[key] = match.weight_node.meta[key].t()
-        op, extra, kwargs = torch.ops.flashllm.sparse_linear.default, (), {"runtime": options.runtime_spec()}
+        op, extra = torch.ops.flashllm.sparse_linear.default, ()
+        kwargs = {"runtime": options.runtime_spec(), **_layout_kwargs(fmt)}
         if match.dtensor is not None:  # tensor parallelism: the op on this rank's shard, DTensor in and out
             op, extra = sparse_linear_dtensor, (match.dtensor,)
         elif dense is None and match.weight_node.op == "placeholder":
@@ -104,7 +111,7 @@ def _rewrite_one(gm: fx.GraphModule, match: LinearMatch, fmt: BitmapWeight, opti
             # get_attr weights (Inductor freezing), whose constants would then stay alive.
             kwargs["weights"] = [match.weight_node]
         new = graph.call_function(op, (
-            match.x, *tensor_nodes, match.bias, dense, fmt.n, fmt.k, fmt.chunk_k, options.kernel.value,
+            match.x, *tensor_nodes, match.bias, dense, fmt.n, fmt.k, fmt.op_param, options.kernel.value,
             match.name, watch_weight(match.weight), *extra), kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "example_value", "stack_trace", "nn_module_stack",
                                                                  "source_fn_stack", "tensor_meta")})
@@ -142,9 +149,9 @@ def _guards(zeros: ZeroFeatures | None) -> tuple[list[fx.Node], list[torch.Tenso
     return [n for n, _ in guards if n.op == "placeholder"], [t for _, t in guards]
 
 
-def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], fmt: BitmapWeight, sliced: StructuredSlice | None,
-                   options: FlashLLMOptions, registered: dict[int, tuple[str, ...]],
-                   zeros: ZeroFeatures | None = None) -> BitmapWeight:
+def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], fmt: CompressedWeight,
+                   sliced: StructuredSlice | None, options: FlashLLMOptions, registered: dict[int, tuple[str, ...]],
+                   zeros: ZeroFeatures | None = None) -> CompressedWeight:
     """Replace `members` (siblings reading the same x, passes/fuse_sibling_linears.py; or a single linear) by ONE
     sparse_linear on `fmt`, the compressed weight of their rows, or of the nonzero rows and columns of their weight
     when `sliced` (passes/slice_structured_zeros.py; fmt is then sliced.fmt; with the columns whose inputs are the
@@ -156,7 +163,8 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], fmt: BitmapWe
     weights = [m.weight for m in members]
     guard_nodes, guard_tensors = _guards(zeros if sliced is not None and sliced.propagated_cols else None)
     with_dense = _needs_dense(first, options)
-    parts = dict(zip(("bitmap", "offsets", "values"), fmt.tensors()))
+    op_parts = fmt.parts()
+    parts = dict(op_parts)
     if sliced is not None:  # rows [N'] (the dense fallback's outputs to keep), rowpos [N], rowkeep [N], cols [K']
         parts.update({part: t for part, t in (("rows", sliced.rows), ("rowpos", sliced.row_pos),
                                               ("rowkeep", sliced.row_keep), ("cols", sliced.cols)) if t is not None})
@@ -172,11 +180,11 @@ def _rewrite_fused(gm: fx.GraphModule, members: list[LinearMatch], fmt: BitmapWe
         in_place = not first.transposed and (len(members) > 1 or sliced is not None)
         bias, dense = concat_operands(graph, members, with_dense and not in_place)  # [N] | None, [N, K] | None
         scatter = sliced is not None and sliced.row_pos is not None
-        y = call_with_meta(graph, torch.ops.flashllm.sparse_linear.default, first.x, get["bitmap"], get["offsets"],
-                           get["values"], None if scatter else bias, dense, fmt.n, fmt.k, fmt.chunk_k,
+        y = call_with_meta(graph, torch.ops.flashllm.sparse_linear.default, first.x, *(get[p] for p in op_parts),
+                           None if scatter else bias, dense, fmt.n, fmt.k, fmt.op_param,
                            options.kernel.value, fused_name(members), watch_weights([*weights, *guard_tensors]),
                            [*(m.weight_node for m in members), *guard_nodes], runtime=options.runtime_spec(),
-                           in_cols=get.get("cols"), out_rows=get.get("rows"))
+                           in_cols=get.get("cols"), out_rows=get.get("rows"), **_layout_kwargs(fmt))
         y.meta.update({k: v for k, v in first.node.meta.items() if k in ("stack_trace", "nn_module_stack",
                                                                          "source_fn_stack")})
         if scatter:
@@ -201,33 +209,64 @@ def _tuned_on_device(weight: torch.Tensor) -> bool:
     return weight.is_cuda
 
 
-def dense_wins(members: list[LinearMatch], fmt: BitmapWeight, options: FlashLLMOptions) -> Choice | None:
-    """Compile-time dispatch: the autotuner's choice for this op at the graph's static token count when it is
-    cuBLAS over every sparse kernel (else None).  Then the linears are left to Inductor as they are (cuBLAS with
-    Inductor's own bias and activation fusions, no op boundary, no compressed buffers as graph inputs) instead of
-    an op that would run cuBLAS inside anyway.  Only where the op's runtime dispatch could pick dense
-    (kernel="auto", dense weights kept, CUDA) and from a measurement (autotune on, not deterministic); shapes that
-    vary at run time (symbolic M) keep the runtime dispatch.  The measurement is the op's own (`AUTOTUNER.choose`,
-    cached on disk), so the op and this pass agree."""
+CSL_MIN_GAIN = 1.03  # the Tiled-CSL format (4 bytes a nonzero) must beat the bitmap by this much: a near tie keeps
+# the smaller format
+CSL_MAX_DENSITY = 0.35  # denser weights move more bytes as Tiled-CSL (4 d per element) than as the bitmap (2 d + 1/8)
+# by over 1.5x, and need more word registers than the kernel holds (CMMA_MAX_GROUPS)
+
+
+def _csl_candidate(members: list[LinearMatch], fmt: CompressedWeight, sliced: StructuredSlice | None,
+                   options: FlashLLMOptions, m: int):
+    """The Tiled-CSL compression of the members' weight where the option allows it and its kernel can run (fp16 /
+    bf16, not a sliced op, decode-sized M), else None."""
+    if (not options.csl_allowed() or sliced is not None or m > CMMA_MAX_M or fmt.dtype not in (
+            torch.float16, torch.bfloat16) or fmt.nnz > CSL_MAX_DENSITY * fmt.n * fmt.k):
+        return None
+    csl = compress_csl([mb.weight for mb in members], members[0].transposed)
+    if csl.max_groups > CMMA_MAX_GROUPS:  # a tile too dense for the kernel's word registers (skewed sparsity)
+        forget_unless_adopted(csl)
+        return None
+    return csl
+
+
+def static_dispatch(members: list[LinearMatch], fmt: CompressedWeight, sliced: StructuredSlice | None,
+                    options: FlashLLMOptions) -> CompressedWeight | Choice:
+    """Compile-time dispatch at the graph's static token count M (every decode step under mode="reduce-overhead"):
+    the format the op runs, `fmt` (the bitmap) or the Tiled-CSL compression of the same weight where its kernel
+    measures faster (FlashLLMOptions.csl); or the autotuner's dense Choice where cuBLAS beats every sparse kernel
+    of both formats.  Then the linears are left to Inductor as they are (cuBLAS with Inductor's own bias and
+    activation fusions, no op boundary, no compressed buffers as graph inputs) instead of an op that would run
+    cuBLAS inside anyway.  Only from a measurement (kernel="auto", autotune on, not deterministic, CUDA, no DTensor);
+    dense only where the op could run it (dense weights kept); shapes that vary at run time (symbolic M) keep the
+    bitmap and the runtime dispatch.  The measurements are the op's own (`AUTOTUNER.choose`, cached on disk), so
+    the op and this pass agree."""
     first = members[0]
-    if (options.kernel is not KernelPreference.AUTO or options.release_dense_weights or not options.autotune
-            or options.deterministic or getattr(first, "dtensor", None) is not None
-            or not _tuned_on_device(first.weight)):
-        return None
+    with_dense = not options.release_dense_weights
     m = static_tokens(first.x)
-    if m is None or m == 0:
-        return None
-    dense = [mb.weight.t() if mb.transposed else mb.weight for mb in members]  # [N_i, K] each, as the op's fallback
-    choice = AUTOTUNER.choose(fmt, m, dense, allow_dense=True, tune=True, cache_dir=options.cache_dir)
-    return choice if choice.family == "dense" else None
+    if (options.kernel is not KernelPreference.AUTO or not options.autotune or options.deterministic
+            or getattr(first, "dtensor", None) is not None or not _tuned_on_device(first.weight) or not m
+            or not (with_dense or options.csl_allowed())):
+        return fmt
+    dense = [mb.weight.t() if mb.transposed else mb.weight for mb in members] if with_dense else None  # [N_i, K]
+    choice = AUTOTUNER.choose(fmt, m, dense, allow_dense=with_dense, tune=True, cache_dir=options.cache_dir)
+    csl = _csl_candidate(members, fmt, sliced, options, m)
+    if csl is not None:
+        csl_choice = AUTOTUNER.choose(csl, m, dense, allow_dense=with_dense, tune=True, cache_dir=options.cache_dir)
+        if csl_choice.family != "dense" and (choice.family == "dense"
+                                             or csl_choice.time_us * CSL_MIN_GAIN < choice.time_us):
+            forget_unless_adopted(fmt)
+            return csl
+        forget_unless_adopted(csl)
+    return choice if choice.family == "dense" else fmt
 
 
 def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: FlashLLMOptions,
-                     registered: dict[int, tuple[str, ...]], zeros: ZeroFeatures | None = None) -> BitmapWeight | None:
+                     registered: dict[int, tuple[str, ...]],
+                     zeros: ZeroFeatures | None = None) -> CompressedWeight | None:
     """Rewrite one linear, or a group of fused siblings, slicing structured zeros where the option allows;
     `zeros`: the exact-zero features of their shared input x (passes/propagate_structured_zeros.py).  Returns the
-    format the op runs, or None when cuBLAS wins at the graph's static M (`dense_wins`): the nodes are left as they
-    are."""
+    format the op runs, or None when cuBLAS wins at the graph's static M (`static_dispatch`): the nodes are left as
+    they are."""
     first = members[0]
     sliced = None
     if options.slice_structured_zeros and getattr(first, "dtensor", None) is None:
@@ -236,12 +275,17 @@ def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: Fl
     fmt = sliced.fmt if sliced is not None else (
         compress_weight(first.weight, options.chunk_k, transposed=first.transposed) if len(members) == 1 else
         compress_weights([m.weight for m in members], options.chunk_k, first.transposed))
-    dense = dense_wins(members, fmt, options)
-    if dense is not None:
+    chosen = static_dispatch(members, fmt, sliced, options)
+    if isinstance(chosen, Choice):
         log.info("flashllm: %s left to Inductor: cuBLAS (%.1f us) beats every sparse kernel at M=%s",
-                 fused_name(members), dense.dense_us, static_tokens(first.x))
+                 fused_name(members), chosen.dense_us, static_tokens(first.x))
         forget_unless_adopted(sliced if sliced is not None else fmt)
         return None
+    if chosen is not fmt:
+        counters["flashllm"]["csl"] += 1
+        log.info("flashllm: %s runs the Tiled-CSL format: its kernel measures faster at M=%s (%.1f MB, bitmap %.1f MB)",
+                 fused_name(members), static_tokens(first.x), chosen.nbytes / 1e6, fmt.nbytes / 1e6)
+        fmt = chosen
     if len(members) == 1 and sliced is None:
         return _rewrite_one(gm, first, fmt, options, registered)
     name = fused_name(members)
@@ -264,10 +308,14 @@ def _rewrite_members(gm: fx.GraphModule, members: list[LinearMatch], options: Fl
     return _rewrite_fused(gm, members, fmt, sliced, options, registered, zeros)
 
 
-def _compressed_bytes(fmt: BitmapWeight, members: list[LinearMatch], match: LinearMatch) -> int:
-    """The share of a fused format attributed to `match`: its rows of bitmap/offsets plus its nonzeros."""
+def _compressed_bytes(fmt: CompressedWeight, members: list[LinearMatch], match: LinearMatch) -> int:
+    """The share of a fused format attributed to `match`: its rows of bitmap/offsets plus its nonzeros (Tiled-CSL:
+    its share of the nonzeros)."""
     if len(members) == 1:
         return fmt.nbytes
+    if fmt.LAYOUT == "csl":
+        nnz = [mb.weight.numel() * (1 - mb.sparsity) for mb in members]
+        return round(fmt.nbytes * match.weight.numel() * (1 - match.sparsity) / max(1.0, sum(nnz)))
     values = fmt.values.element_size()
     meta = fmt.nbytes - fmt.nnz * values
     nnz = round(match.weight.numel() * (1 - match.sparsity))
@@ -288,7 +336,7 @@ def _progress(matches: list[LinearMatch]):
     return tqdm(matches, desc="flashllm: compressing linears", unit="layer", file=sys.stderr, leave=False)
 
 
-def _op_fields(fmt: BitmapWeight | None, match: LinearMatch, members_of: dict) -> dict:
+def _op_fields(fmt: CompressedWeight | None, match: LinearMatch, members_of: dict) -> dict:
     """LinearDecision fields naming the sparse_linear call a fused or sliced linear runs in ({} otherwise)."""
     if fmt is None or (fmt.n, fmt.k) == (match.out_features, match.in_features) and match.node not in members_of:
         return {}
@@ -305,7 +353,8 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
     ["sliced_rows"] / ["sliced_cols"] (sparse_linear calls computing only the nonzero rows / columns),
     ["propagated_cols"] (those of them dropping columns that are not all-zero, because their input features are
     exact zeros made by upstream zero rows: passes/propagate_structured_zeros.py); ["skip_dense_faster"]: linears
-    left to Inductor because cuBLAS beats the sparse kernels at the graph's static M (`dense_wins`).  With many
+    left to Inductor because cuBLAS beats the sparse kernels at the graph's static M (`static_dispatch`); ["csl"]:
+    ops given the Tiled-CSL format there.  With many
     rewritable layers a progress bar is shown on a TTY stderr; FLASHLLM_PROGRESS=0 turns it off (see `_progress`)."""
     registered: dict[int, tuple[str, ...]] = {}
     rewritten = 0
@@ -314,7 +363,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
     members_of = {m.node: group for group in groups for m in group}
     # analysed before any rewrite: it reads the original graph (node -> zero features of the linear's input)
     zeros = zero_input_features(gm, matches, example_inputs) if options.slice_structured_zeros else {}
-    fmts: dict[fx.Node, BitmapWeight | None] = {}  # first member's node -> its group's op format (None: left dense)
+    fmts: dict[fx.Node, CompressedWeight | None] = {}  # first member's node -> its group's op format (None: left dense)
     for match in _progress(matches):
         counters["flashllm"]["linear_found"] += 1
         op_name = getattr(match.node.target, "__name__", str(match.node.target))
@@ -341,6 +390,7 @@ def rewrite_sparse_linears(gm: fx.GraphModule, example_inputs, options: FlashLLM
             dtype=str(match.weight.dtype).removeprefix("torch."), sparsity=match.sparsity,
             rewritten=fmt is not None, reason=reason or "rewritten",
             kernel=options.kernel.value if fmt is not None else "", dense_bytes=match.weight.nbytes,
+            layout=fmt.LAYOUT if fmt is not None else "",
             compressed_bytes=compressed if fmt is not None else 0, op=op_name, **_op_fields(fmt, match, members_of)))
     if rewritten:
         gm.graph.lint()

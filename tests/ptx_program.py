@@ -50,7 +50,7 @@ if nvdisasm.exists():
     sass = subprocess.run([str(nvdisasm), "-c", str(workdir / "program.cubin")], capture_output=True, text=True,
                           check=True).stdout
     result["spills"] = bool(re.search(r"\b(LDL|STL)\b", sass))
-    for op in ("LDGSTS", "LDSM", "PRMT", "POPC", "BAR.SYNC", "LDS.128"):
+    for op in ("LDGSTS", "LDSM", "PRMT", "POPC", "BAR.SYNC", "LDS.128", "STS.U16"):
         result[op] = len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
     result["HMMA"] = len(re.findall(r"\bHMMA\.16816\.F32", sass))
 print(json.dumps(result))
@@ -61,10 +61,44 @@ def compile_program(family: str, block_n: int, block_m: int, dtype: str, partial
                     bounded: bool = True, x_shared: bool = True) -> dict:
     """The child's report (elements / layout of the tensor the PTX runs on, static shared bytes, and from the SASS:
     spills and instruction counts); skips when this Triton build has no ptxas."""
+    return _run_child(CHILD, [family, block_n, block_m, dtype, int(partials), int(bounded), int(x_shared), tmp_path],
+                      tmp_path)
+
+
+CMMA_CHILD = r'''
+import json, re, subprocess, sys
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from flashllm_compile.codegen.kernels.csl_mma import _csl_mma_kernel
+from flashllm_compile.codegen.kernels.cmma_ptx import cmma_constraints, cmma_ptx
+
+warps, block_m, dtype, partials = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+max_groups, depth, workdir = int(sys.argv[5]), int(sys.argv[6]), Path(sys.argv[7])
+nt = block_m // 8
+ty = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+signature = {"x_ptr": f"*{ty}", "items_ptr": "*i32", "seg_ptr": "*i32", "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}",
+             "out_ptr": "*fp32" if partials else f"*{ty}", "M": "i32", "N": "i32", "stride_xm": "i32",
+             "stride_om": "i32", "stride_os": "i32", "chunks_per_split": "i32", "num_chunks": "i32"}
+constants = {"HAS_BIAS": not partials, "PARTIALS": partials, "ACT": 0 if partials else 1,
+             "HAS_RESIDUAL": not partials, "BLOCK_N": 16 * warps, "BLOCK_M": block_m,
+             "ASM": cmma_ptx(warps, nt, dtype, max_groups, depth), "CONSTRAINTS": cmma_constraints(nt)}
+signature.update({name: "constexpr" for name in constants})
+kernel = triton.compile(ASTSource(_csl_mma_kernel, signature, constexprs=constants),
+                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+''' + CHILD[CHILD.index("ttgir = kernel.asm"):]
+
+
+def compile_cmma(warps: int, block_m: int, dtype: str, partials: bool, max_groups: int, depth: int, tmp_path) -> dict:
+    """compile_program for the Tiled-CSL program (its own Triton kernel around the PTX)."""
+    return _run_child(CMMA_CHILD, [warps, block_m, dtype, int(partials), max_groups, depth, tmp_path], tmp_path)
+
+
+def _run_child(child_source: str, args: list, tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    args = [family, block_n, block_m, dtype, int(partials), int(bounded), int(x_shared), tmp_path]
-    child = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], check=False, env=env,
+    child = subprocess.run([sys.executable, "-c", child_source, *map(str, args)], check=False, env=env,
                            capture_output=True, text=True, timeout=300)
     if child.returncode and "ptxas" in child.stderr and "not found" in child.stderr.lower():
         pytest.skip("this Triton build has no ptxas")

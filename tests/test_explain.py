@@ -71,7 +71,9 @@ def test_str_has_table_and_triton_source(report_and_state):
     assert "layer" in text and "MB before" in text and "kernel" in text
     assert "model.layers.0.mlp.down_proj" in text and "emulated (CPU)" in text
     assert "7/8 linears rewritten" in text
-    assert set(report.kernel_sources) == {"rowwalk", "fmma", "smma", "mma", "unpack"}
+    assert set(report.kernel_sources) == {"rowwalk", "fmma", "cmma", "smma", "mma", "unpack"}
+    cmma = report.kernel_sources["cmma"]  # the Tiled-CSL family: its own kernel module and PTX program
+    assert "def _csl_mma_kernel(" in cmma and "def store_elements(" in cmma and "ldmatrix.sync" in cmma
     mma = report.kernel_sources["mma"]
     assert "@triton.jit" in mma and "def _bitmap_mma_kernel(" in mma
     assert "def decode_bitmap_tile(" in mma and "def popcount(" in mma and "def store_output(" in mma

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from flashllm_compile.codegen.autotune import GPU_ONLY_FAMILIES, LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.csl import CslWeight
+from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_GROUPS
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings
@@ -114,9 +116,17 @@ def run_case(case: dict, device: str = DEVICE) -> None:
     g = torch.Generator(device=device).manual_seed(case["seed"] + 1)
     x = torch.randn(case["m"], case["k"], generator=g, device=device).to(case["dtype"])
     b = torch.randn(case["n"], generator=g, device=device).to(case["dtype"]) if case["bias"] else None
-    fmt = BitmapWeight.from_dense(w, case["chunk_k"])
-    assert torch.equal(fmt.to_dense(), w)
     config = case["config"]
+    if config.family == "cmma":  # the Tiled-CSL format: a weight too dense for it is refused, never wrong
+        fmt = CslWeight.from_dense(w)
+        assert torch.equal(fmt.to_dense(), w)
+        if fmt.max_groups > CMMA_MAX_GROUPS:
+            with pytest.raises(ValueError, match="too dense"):
+                LAUNCHERS[config.family](x, fmt, b, config)
+            return
+    else:
+        fmt = BitmapWeight.from_dense(w, case["chunk_k"])
+        assert torch.equal(fmt.to_dense(), w)
     y = LAUNCHERS[config.family](x, fmt, b, config)
     if config.family == "unpack":
         # unpack is F.linear (cuBLAS) on the expanded weight: it must match the dense op on the same weight.  Its

@@ -43,9 +43,24 @@ class BitmapWeight:
     k: int
     chunk_k: int
 
+    LAYOUT = "bitmap"  # sparse_linear's `layout` argument
+
     @property
     def num_chunks(self) -> int:
         return self.offsets.shape[0] - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def op_param(self) -> int:
+        """sparse_linear's integer format argument: chunk_k."""
+        return self.chunk_k
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The op's three tensor operands, by buffer name."""
+        return {"bitmap": self.bitmap, "offsets": self.offsets, "values": self.values}
 
     @property
     def dtype(self) -> torch.dtype:

@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.csl import CslWeight
 
 # id(weight) -> (weak reference to the weight, version, chunk_k, transposed, compressed)
 _CACHE: dict[int, tuple[weakref.ref, tuple[int, int], int, bool, BitmapWeight]] = {}
@@ -102,6 +103,20 @@ def compress_weights(weights: Sequence[torch.Tensor], chunk_k: int, transposed: 
         return fmt
 
     return derive_once(weights, ("concat", chunk_k, transposed), build)
+
+
+def compress_csl(weights: Sequence[torch.Tensor], transposed: bool = False) -> CslWeight:
+    """Tiled-CSL format of the row-concatenation of `weights` (one or more [N_i, K]; [K, N_i] when `transposed`),
+    once per set of parameters (identities + versions)."""
+
+    def build() -> CslWeight:
+        with torch.no_grad():
+            parts = [w.t() if transposed else w for w in weights]
+            fmt = CslWeight.from_dense(parts[0] if len(parts) == 1 else torch.cat(parts))
+        STATS["compressions"] += 1
+        return fmt
+
+    return derive_once(weights, ("csl", transposed), build)
 
 
 # token -> (weak reference to a compressed weight, its version when compressed). Compiled code may hand the

@@ -23,6 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the CPU 
 from test_fuzz import DTYPES, FUZZ, PATTERNS, run_case
 
 from flashllm_compile.codegen.autotune import GPU_ONLY_FAMILIES, LAUNCHERS, candidate_configs
+from flashllm_compile.codegen.kernels.csl_mma import get_csl_mma_configs
+
+
+def family_configs(m: int, family: str) -> list:
+    """The tuning space of `family` for M tokens (cmma: on the Tiled-CSL format, every other: the bitmap's)."""
+    configs = get_csl_mma_configs(m) if family == "cmma" else candidate_configs(m)
+    return [c for c in configs if c.family == family]
 
 pytestmark = [
     pytest.mark.usefixtures("poison_outputs"),  # tests/conftest.py
@@ -36,7 +43,7 @@ LLAMA_7B = [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008)]
 
 @st.composite
 def gpu_cases(draw, family: str):
-    ms = [m for m in range(257) if any(c.family == family for c in candidate_configs(m))]
+    ms = [m for m in range(257) if family_configs(m, family)]
     m = draw(st.one_of(st.sampled_from([m for m in (1, 2, 3, 4, 5, 8, 16, 17, 33, 64, 65, 128, 256) if m in ms]),
                        st.integers(min(ms), max(ms))))
     if draw(st.booleans()):
@@ -47,7 +54,7 @@ def gpu_cases(draw, family: str):
     smma = family in GPU_ONLY_FAMILIES  # their PTX handles 128-column chunks of 16-bit values only
     return {
         "m": m, "n": n, "k": k,
-        "config": draw(st.sampled_from([c for c in candidate_configs(m) if c.family == family])),
+        "config": draw(st.sampled_from(family_configs(m, family))),
         "chunk_k": 128 if smma else draw(st.sampled_from([32, 64, 128, 256])),
         "dtype": draw(st.sampled_from([d for d in DTYPES if d != torch.float32] if smma else DTYPES)),
         "bias": draw(st.booleans()),
@@ -58,8 +65,8 @@ def gpu_cases(draw, family: str):
 
 
 def llama_corner(family: str, m: int) -> dict:
-    m = min(mm for mm in range(m, 257) if any(c.family == family for c in candidate_configs(mm)))  # >= the family's
-    config = next(c for c in candidate_configs(m) if c.family == family)
+    m = min(mm for mm in range(m, 257) if family_configs(mm, family))  # >= the family's smallest M
+    config = family_configs(m, family)[0]
     return {"m": m, "n": 12288, "k": 4096, "config": config, "chunk_k": 128, "dtype": torch.float16, "bias": False,
             "sparsity": 0.8, "pattern": "uniform", "seed": 0}
 

@@ -70,3 +70,54 @@ def test_compiled_llama_fp16_matches_eager_and_uses_sparse_kernels():
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     assert sum(KERNEL_HITS[f] for f in ("mma", "rowwalk")) > 0 and KERNEL_HITS["dense"] == 0
     assert (tokens == eager_tokens).float().mean().item() > 0.9  # fp16 rounding may flip a rare argmax tie
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.7, 0.9, 1.0])
+def test_cmma_every_config_on_odd_and_llama_shapes(dtype, sparsity):
+    """The Tiled-CSL kernel: every config (warps, split-K, token tiles), odd shapes, bias and epilogues."""
+    from flashllm_compile.codegen.epilogue_spec import Epilogue
+    from flashllm_compile.codegen.formats.csl import CslWeight
+    from flashllm_compile.codegen.kernels.csl_mma import csl_mma, get_csl_mma_configs
+
+    for n, k in ((37, 300), (1000, 130), LLAMA_7B["down"]):
+        w = pruned(n, k, sparsity, dtype)
+        fmt = CslWeight.from_dense(w)
+        assert torch.equal(fmt.to_dense(), w)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        for m in (1, 8, 29, 64):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
+            for config in get_csl_mma_configs(m):
+                y = csl_mma(x, fmt, bias, config).float()
+                scale = ref.norm().clamp_min(1e-3)
+                assert ((y - ref).norm() / scale).item() < 1e-2, (n, k, m, config)
+            residual = torch.randn(m, n, device="cuda", dtype=dtype)
+            y = csl_mma(x, fmt, bias, get_csl_mma_configs(m)[0], Epilogue("silu", False, residual)).float()
+            expect = torch.nn.functional.silu(ref) + residual.float()
+            assert ((y - expect).norm() / expect.norm()).item() < 1e-2
+
+
+def test_compiled_static_decode_step_dispatches_formats():
+    """A static token count (M = 8): the pass measures both formats and dense per linear at compile time; whatever
+    it picks, outputs match eager and every rewritten op reports its format."""
+    from torch._dynamo.utils import counters
+
+    from flashllm_compile.report import record_decisions
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4096, 11008, bias=False), torch.nn.SiLU(),
+                              torch.nn.Linear(11008, 4096, bias=False)).cuda().half().eval()
+    with torch.no_grad():
+        for lin in (mlp[0], mlp[2]):
+            lin.weight.masked_fill_(torch.rand_like(lin.weight) < 0.9, 0)
+        x = torch.randn(8, 4096, device="cuda", dtype=torch.float16)
+        ref = mlp(x).float()
+        counters.clear()
+        with record_decisions() as decisions:
+            out = torch.compile(mlp, backend="flashllm")(x).float()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    layouts = [d.layout for d in decisions if d.rewritten]
+    assert layouts and set(layouts) <= {"bitmap", "csl"}
+    assert counters["flashllm"]["csl"] == layouts.count("csl")
+    print("formats chosen at M = 8, 90%:", layouts, "dense:", counters["flashllm"]["skip_dense_faster"])

@@ -1,0 +1,145 @@
+"""Tiled-CSL format (Flash-LLM's): each nonzero stored with its position in a 16-row tile, in an order chosen for
+a conflict-free shared-memory scatter.
+
+Why a second format: the bitmap format moves the fewest bytes, but building MMA fragments from it costs ~27
+instructions per 4 columns (fmma, RESULTS.md idea 17), which leaves the H100 instruction-bound at ~1.2x cuBLAS.
+Here a nonzero is one 32-bit word `offset << 16 | value bits`: a lane scatters it into a zeroed tile in shared
+memory with three instructions (shift, add, 16-bit store), and the tensor cores read the tile with ldmatrix, so
+the decode cost is per nonzero and is shared by every token tile.  It costs 4 bytes a nonzero (bitmap: 2 + 1/8
+per element), so it only pays from ~70% sparsity.
+
+Layout of a weight W: [N, K], rows cut into R = ceil(N / 16) row tiles, K into C chunks of 128 columns.  Segment
+s = r * C + c holds the nonzeros of tile r, chunk c, in G_s groups of 32 words (one per lane of a warp):
+
+    items      int32 [32 * sum G_s]   word `lane` of group g of segment s is items[32 * (seg_start[s] + g) + lane]
+    seg_start  int32 [R * C + 1]      first group of each segment (seg_start[R * C] = all groups)
+    offset     byte offset of the nonzero in the [16, 128] tile as the kernel lays it out: row * TILE_ROW_BYTES
+               + 2 * column (rows padded to 272 bytes so that ldmatrix reads 8 rows from distinct banks)
+
+Within a segment the nonzeros are sorted by shared-memory bank and dealt out round robin (nonzero j of the sorted
+order goes to group j % G_s, lane j // G_s): a group's 32 stores then hit 32 different banks unless a bank holds more
+than G_s of the segment's nonzeros.  Unused words of a segment's last group store a zero into the tile's padding,
+lane t into its own bank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CSL_ROWS = 16  # rows of a tile: one warp's m16 MMA operand
+CSL_CHUNK = 128  # columns of a tile
+TILE_ROW_BYTES = 2 * CSL_CHUNK + 16  # 272: 68 words, so 8 consecutive rows start 4 banks apart
+TILE_BYTES = CSL_ROWS * TILE_ROW_BYTES
+LANES = 32
+BANKS = 32
+
+
+def padding_offsets(device) -> torch.Tensor:
+    """int64 [32]: where lane t's unused words store (the padding after column 127 of row t // 4, word t % 4):
+    bank (68 (t // 4) + 64 + t % 4) % 32 = t, so the filler stores conflict neither with each other nor twice."""
+    lane = torch.arange(LANES, device=device)
+    return (lane // 4) * TILE_ROW_BYTES + 2 * CSL_CHUNK + 4 * (lane % 4)
+
+
+@dataclass(frozen=True)
+class CslWeight:
+    """A compressed [N, K] weight (layout in the module docstring); `max_groups` = max G_s rounded up to a multiple
+    of 4 (static: the kernel holds that many words a lane)."""
+
+    items: torch.Tensor  # int32 [32 * groups]
+    seg_start: torch.Tensor  # int32 [R * C + 1]
+    like: torch.Tensor  # [0] tensor of the weight's dtype on its device: what the op's `values` operand carries
+    n: int
+    k: int
+    max_groups: int
+
+    LAYOUT = "csl"  # sparse_linear's `layout` argument
+    chunk_k = CSL_CHUNK
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.k // CSL_CHUNK)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.like.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.items.device
+
+    @property
+    def nnz(self) -> int:
+        """Stored words, nonzeros plus each segment's filler (the op cannot count the nonzeros without a sync)."""
+        return self.items.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.items.numel() * 4 + self.seg_start.numel() * 4
+
+    @property
+    def op_param(self) -> int:
+        """sparse_linear's integer format argument (`chunk_k` for the bitmap): max_groups."""
+        return self.max_groups
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The op's three tensor operands, by buffer name."""
+        return {"items": self.items, "seg_start": self.seg_start, "like": self.like}
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> CslWeight:
+        """Compress a dense fp16 / bf16 [N, K] weight; vectorised on its device, exact."""
+        if weight.dim() != 2 or weight.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"expected a 2-D fp16 / bf16 weight, got {tuple(weight.shape)} {weight.dtype}")
+        w = weight.detach()
+        n, k = w.shape
+        tiles, chunks = -(-n // CSL_ROWS), max(1, -(-k // CSL_CHUNK))
+        rows, cols = w.nonzero(as_tuple=True)  # row-major order
+        values = w[rows, cols].view(torch.int16).to(torch.int64) & 0xFFFF
+        seg = (rows // CSL_ROWS) * chunks + cols // CSL_CHUNK
+        offset = (rows % CSL_ROWS) * TILE_ROW_BYTES + 2 * (cols % CSL_CHUNK)
+        bank = (offset // 4) % BANKS
+        order = torch.sort(seg * BANKS + bank, stable=True).indices
+        seg, offset, values = seg[order], offset[order], values[order]
+        num_segs = tiles * chunks
+        count = torch.bincount(seg, minlength=num_segs)  # nonzeros per segment
+        groups = (count + LANES - 1) // LANES
+        seg_start = torch.zeros(num_segs + 1, dtype=torch.int64, device=w.device)
+        seg_start[1:] = groups.cumsum(0)
+        first = torch.zeros_like(count)
+        first[1:] = count.cumsum(0)[:-1]
+        rank = torch.arange(seg.numel(), device=w.device) - first[seg]  # position within the segment
+        g = groups[seg]
+        slot = (seg_start[seg] + rank % g) * LANES + rank // g
+        total = int(seg_start[-1])
+        items = (padding_offsets(w.device) << 16).repeat(total)
+        items[slot] = offset << 16 | values
+        items = torch.where(items >= 2**31, items - 2**32, items).to(torch.int32)
+        # registers a lane holds per chunk, rounded up to a multiple of 4 so that few kernel variants are built
+        max_groups = -(-int(groups.max()) // 4) * 4 if seg.numel() else 0
+        return cls(items, seg_start.to(torch.int32), w.new_empty(0), n, k, max_groups)
+
+    def to_dense(self) -> torch.Tensor:
+        """Exact inverse of `from_dense`: the [N, K] weight (the filler words land in the padding and are dropped)."""
+        tiles, chunks = -(-self.n // CSL_ROWS), self.num_chunks
+        items = self.items.to(torch.int64) & 0xFFFFFFFF
+        groups = (self.seg_start[1:] - self.seg_start[:-1]).to(torch.int64)
+        seg = torch.repeat_interleave(torch.arange(tiles * chunks, device=items.device), groups * LANES)
+        offset, bits = items >> 16, items & 0xFFFF
+        keep = offset % TILE_ROW_BYTES < 2 * CSL_CHUNK
+        seg, offset, bits = seg[keep], offset[keep], bits[keep]
+        rows = (seg // chunks) * CSL_ROWS + offset // TILE_ROW_BYTES
+        cols = (seg % chunks) * CSL_CHUNK + (offset % TILE_ROW_BYTES) // 2
+        dense = torch.zeros(tiles * CSL_ROWS, chunks * CSL_CHUNK, dtype=torch.int16, device=items.device)
+        dense[rows, cols] = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16)
+        return dense.view(self.dtype)[: self.n, : self.k].contiguous()
+
+    def bank_conflicts(self) -> float:
+        """Mean shared-memory wavefronts per group store (1.0: conflict-free), for reports and tests."""
+        offset = (self.items.to(torch.int64) & 0xFFFFFFFF) >> 16
+        bank = (offset // 4 % BANKS).view(-1, LANES)
+        hist = torch.zeros(bank.shape[0], BANKS, dtype=torch.int64, device=bank.device)
+        hist.scatter_add_(1, bank, torch.ones_like(bank))
+        return hist.max(dim=1).values.float().mean().item() if bank.numel() else 1.0

@@ -1,0 +1,173 @@
+"""The Tiled-CSL format (codegen/formats/csl.py) and its tensor-core kernel (codegen/kernels/cmma_ptx.py), on the CPU:
+  - the format round-trips exactly (fp16 / bf16, Inf / NaN values, empty and full weights, odd shapes);
+  - a model of what the PTX does with the words (zero a [16, 128] tile, store each word's low half at its
+    offset, for the groups a segment has) rebuilds every tile, with filler words only in the padding;
+  - the bank-aware order keeps a group's stores near 2 wavefronts (row-major order: 2.5 at 80%, 3 at 90%);
+  - the program builds for sm_90 (no spills, the ldmatrix / MMA / barrier counts of its design, shared memory
+    under the cap, one element per thread);
+  - the launcher and tuner offer it only where it can run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from flashllm_compile.codegen.formats.csl import (
+    BANKS,
+    CSL_CHUNK,
+    CSL_ROWS,
+    LANES,
+    TILE_BYTES,
+    TILE_ROW_BYTES,
+    CslWeight,
+)
+from flashllm_compile.codegen.kernels.common import TileConfig
+
+
+def pruned(n: int, k: int, sparsity: float, dtype=torch.float16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    return w.masked_fill_(torch.rand(n, k, generator=g) < sparsity, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 300), (16, 128), (1, 1), (200, 1000)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, 0.97, 1.0])
+def test_round_trip_is_exact(shape, sparsity, dtype):
+    w = pruned(*shape, sparsity, dtype)
+    if w.numel() > 4:
+        w[0, 1], w[-1, -1] = float("inf"), float("nan")  # kept as they are (nonzero)
+    fmt = CslWeight.from_dense(w)
+    assert fmt.dtype == dtype and (fmt.n, fmt.k) == shape
+    assert torch.equal(fmt.to_dense().view(torch.int16), w.view(torch.int16))
+    assert fmt.max_groups % 4 == 0
+    groups = fmt.seg_start[1:] - fmt.seg_start[:-1]
+    assert (groups >= 0).all() and int(groups.max()) <= fmt.max_groups
+    assert fmt.items.numel() == LANES * int(fmt.seg_start[-1])
+    assert fmt.nnz >= int((w != 0).sum())
+
+
+def test_rejects_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="fp16 / bf16"):
+        CslWeight.from_dense(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="2-D"):
+        CslWeight.from_dense(torch.randn(2, 4, 8, dtype=torch.float16))
+
+
+def scatter_model(fmt: CslWeight) -> np.ndarray:
+    """What every warp of the kernel leaves in its tile buffers, chunk by chunk: uint16 [R * 16, C * 128]."""
+    tiles, chunks = -(-fmt.n // CSL_ROWS), fmt.num_chunks
+    items = fmt.items.numpy().view(np.uint32)
+    start = fmt.seg_start.numpy()
+    out = np.zeros((tiles * CSL_ROWS, chunks * CSL_CHUNK), np.uint16)
+    for seg in range(tiles * chunks):
+        tile = np.zeros(TILE_BYTES // 2, np.uint16)  # zeroed by the lanes (8 16-byte stores each)
+        written = set()
+        for g in range(start[seg], start[seg + 1]):  # group g: one 32-bit load and one 16-bit store a lane
+            for lane in range(LANES):
+                word = int(items[LANES * g + lane])
+                offset, value = word >> 16, word & 0xFFFF
+                assert offset % 2 == 0 and offset < TILE_BYTES
+                if offset % TILE_ROW_BYTES >= 2 * CSL_CHUNK:  # filler: the row padding, which ldmatrix never reads
+                    assert value == 0
+                    continue
+                assert offset not in written, "two nonzeros stored at one place"
+                written.add(offset)
+                tile[offset // 2] = value
+        r, c = divmod(seg, chunks)
+        rows = tile.reshape(CSL_ROWS, TILE_ROW_BYTES // 2)[:, :CSL_CHUNK]
+        out[CSL_ROWS * r: CSL_ROWS * (r + 1), CSL_CHUNK * c: CSL_CHUNK * (c + 1)] = rows
+    return out
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.6, 0.9, 1.0])
+def test_kernel_scatter_model_rebuilds_every_tile(sparsity):
+    w = pruned(45, 333, sparsity)
+    rebuilt = scatter_model(CslWeight.from_dense(w))
+    assert np.array_equal(rebuilt[:45, :333], w.view(torch.int16).numpy().view(np.uint16))
+    assert not rebuilt[45:].any() and not rebuilt[:, 333:].any()  # padding rows / columns of the last tiles
+
+
+def wavefronts(groups: list[list[int]]) -> float:
+    """Mean over groups of stores (byte offsets) of the most distinct 32-bit words one bank is asked for."""
+    worst = []
+    for group in groups:
+        per_bank: dict[int, set] = {}
+        for offset in group:
+            per_bank.setdefault(offset // 4 % BANKS, set()).add(offset // 4)
+        worst.append(max(len(v) for v in per_bank.values()))
+    return sum(worst) / len(worst)
+
+
+@pytest.mark.parametrize("sparsity, bound", [(0.8, 2.2), (0.9, 2.4)])
+def test_bank_aware_order_cuts_the_scatter_wavefronts(sparsity, bound):
+    w = pruned(64, 512, sparsity)
+    fmt = CslWeight.from_dense(w)
+    offsets = ((fmt.items.to(torch.int64) & 0xFFFFFFFF) >> 16).tolist()
+    ordered = wavefronts([offsets[i:i + LANES] for i in range(0, len(offsets), LANES)])
+    # the same nonzeros stored in row-major order per segment, 32 to a group
+    naive = []
+    for r in range(0, 64, CSL_ROWS):
+        for c in range(0, 512, CSL_CHUNK):
+            rows, cols = w[r:r + CSL_ROWS, c:c + CSL_CHUNK].nonzero(as_tuple=True)
+            seg = (rows * TILE_ROW_BYTES + 2 * cols).tolist()
+            naive += [seg[i:i + LANES] for i in range(0, len(seg), LANES)]
+    assert ordered <= bound and ordered < wavefronts(naive) - 0.3, (ordered, wavefronts(naive))
+    assert fmt.bank_conflicts() >= ordered - 1e-6  # the report's figure counts halves of one word twice: an upper bound
+
+
+@pytest.mark.parametrize("warps, block_m, dtype, partials, depth", [
+    (2, 8, "float16", False, 2), (4, 16, "bfloat16", True, 1), (2, 32, "float16", True, 2)])
+def test_cmma_compiles_for_sm90(warps, block_m, dtype, partials, depth, tmp_path):
+    from ptx_program import assert_one_element_per_thread, compile_cmma
+
+    from flashllm_compile.codegen.kernels.cmma_ptx import STATIC_SMEM_MAX, cmma_smem_bytes
+
+    nt = block_m // 8
+    result = compile_cmma(warps, block_m, dtype, partials, 16, depth, tmp_path)
+    assert_one_element_per_thread(result, warps)
+    assert result["shared"] == cmma_smem_bytes(warps, nt) <= STATIC_SMEM_MAX
+    if "spills" in result:
+        assert not result["spills"], "the cmma program spills registers to local memory"
+        # the loop body is unrolled once per word-register set (depth + 1 chunks), and ptxas may emit the loop
+        # twice (a peeled first iteration); each chunk has one block barrier (the staged x)
+        chunks = result["BAR.SYNC"]
+        assert chunks in (depth + 1, 2 * (depth + 1)), result
+        assert result["HMMA"] == chunks * 8 * nt  # 8 k-steps a chunk, one MMA per 8-token tile
+        assert result["LDSM"] == chunks * (8 + 4 * nt)  # A: 2 ldmatrix.x4 per k-step pair; B: 1 per tile
+        assert result["STS.U16"] == chunks * 16  # one 16-bit store per word register (max_groups = 16)
+        assert result["LDGSTS"] > 0  # x chunks copied asynchronously
+
+
+def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
+    from flashllm_compile.codegen import autotune
+    from flashllm_compile.codegen.kernels import csl_mma
+
+    fmt = CslWeight.from_dense(pruned(32, 256, 0.8))
+    assert autotune.candidate_configs(8, fmt) == []  # the interpreter (conftest sets TRITON_INTERPRET=1)
+    assert not any(c.family == "cmma" for c in autotune.candidate_configs(8))  # never for a bitmap
+    assert autotune.untuned_choice(8, False, fmt).family == "cmma"
+    assert autotune.untuned_choice(8, True, fmt).family == "dense"
+    x = torch.randn(2, 256, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="cmma kernel needs a CUDA"):
+        csl_mma.csl_mma(x, fmt, None, csl_mma.cmma_default_config(2))
+    monkeypatch.setattr(csl_mma, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # get past the device check
+    for config in (TileConfig("cmma", 48, 8, 1, 3, 2), TileConfig("cmma", 32, 64, 1, 2, 2),
+                   TileConfig("cmma", 64, 8, 1, 2, 2)):
+        with pytest.raises(ValueError, match="not a cmma config"):
+            csl_mma.csl_mma(x, fmt, None, config)
+    dense_fmt = CslWeight.from_dense(pruned(32, 256, 0.0))
+    with pytest.raises(ValueError, match="too dense"):
+        csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2))
+
+
+def test_tuner_keys_the_formats_apart(tmp_path):
+    from flashllm_compile.codegen.autotune import _key
+    from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+
+    w = pruned(64, 256, 0.8)
+    csl, bitmap = CslWeight.from_dense(w), BitmapWeight.from_dense(w)
+    assert _key(csl, 8, True).startswith(f"csl:float16:64x256:g{csl.max_groups}:")
+    assert _key(bitmap, 8, True).startswith("float16:64x256:ck128:")
