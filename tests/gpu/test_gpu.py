@@ -103,6 +103,7 @@ def test_compiled_static_decode_step_dispatches_formats():
     it picks, outputs match eager and every rewritten op reports its format."""
     from torch._dynamo.utils import counters
 
+    from flashllm_compile.backend import flashllm_backend
     from flashllm_compile.report import record_decisions
 
     torch.manual_seed(0)
@@ -115,7 +116,7 @@ def test_compiled_static_decode_step_dispatches_formats():
         ref = mlp(x).float()
         counters.clear()
         with record_decisions() as decisions:
-            out = torch.compile(mlp, backend="flashllm")(x).float()
+            out = torch.compile(mlp, backend=flashllm_backend)(x).float()  # works from a source checkout too
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     layouts = [d.layout for d in decisions if d.rewritten]
     assert layouts and set(layouts) <= {"bitmap", "csl"}
