@@ -21,9 +21,10 @@ from __future__ import annotations
 import functools
 
 from flashllm_compile.codegen.formats.csl import CSL_CHUNK, TILE_BYTES, TILE_ROW_BYTES
-from flashllm_compile.codegen.kernels.smma_ptx import SMMA_TYPES, STATIC_SMEM_MAX
+from flashllm_compile.codegen.kernels.smma_ptx import ROW_BYTES, SMMA_TYPES, STATIC_SMEM_MAX, ldmatrix_mma_chunk
 
 X_ROW_BYTES = TILE_ROW_BYTES  # a token's x chunk in shared memory, padded like a tile row (ldmatrix without conflicts)
+assert TILE_ROW_BYTES == X_ROW_BYTES == ROW_BYTES  # smma's tile rows: the ldmatrix / mma code is shared
 
 
 def cmma_smem_bytes(warps: int, nt: int) -> int:
@@ -144,16 +145,7 @@ def cmma_ptx(warps: int, nt: int, dtype: str, max_groups: int, depth: int = 2) -
               for j in range(pieces)]
         b += [f"add.s64 %x{j}, %x{j}, 256;" for j in range(pieces)]
         b += ["cp.async.commit_group;", "add.u32 %t, %sa, %buf;", "add.u32 %xl, %xs, %xbuf;"]
-        for p in range(CSL_CHUNK // 32):  # k-steps 2 p and 2 p + 1
-            b += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%a0, %a1, %a2, %a3}}, [%t+{64 * p}];",
-                  f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%e0, %e1, %e2, %e3}}, [%t+{64 * p + 32}];"]
-            for i in range(nt):
-                d = ", ".join(f"${4 * i + q}" for q in range(4))
-                mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}"
-                x_at = 8 * i * X_ROW_BYTES + 64 * p
-                b += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%b0, %b1, %b2, %b3}}, [%xl+{x_at}];",
-                      f"{mma}, {{%a0, %a1, %a2, %a3}}, {{%b0, %b1}}, {{{d}}};",
-                      f"{mma}, {{%e0, %e1, %e2, %e3}}, {{%b2, %b3}}, {{{d}}};"]
+        b += ldmatrix_mma_chunk("%t", "%xl", nt, ty)
         b += [f"xor.b32 %xbuf, %xbuf, {xtile};", f"xor.b32 %buf, %buf, {TILE_BYTES};", "add.u32 %c, %c, 1;",
               f"setp.ge.u32 %pe, %c, {c1};", "@%pe bra CMMA_END;"]
         return b

@@ -109,6 +109,23 @@ def load_words(w: list[str], off: str, pred: str, bp: str = "%bp", opp: str = "%
         f"@{pred} ld.global.nc.v4.b32 {{{', '.join(w)}}}, [{bp}];", f"@{pred} ld.global.nc.b32 {off}, [{opp}];"]
 
 
+def ldmatrix_mma_chunk(tile: str, x: str, nt: int, ty: str) -> list[str]:
+    """One 128-column chunk on the tensor cores: per pair of k-steps two ldmatrix.x4 of the weight tile (this lane's
+    address in `tile`, rows ROW_BYTES apart) into %a / %e, and per 8-token tile one ldmatrix.x4 of the x chunk (at
+    `x`, token rows ROW_BYTES apart) into %b and two mma.m16n8k16 accumulating into $4i .. $4i+3 (`ty`: f16 / bf16)."""
+    o = []
+    for p in range(SMMA_CHUNK_K // 32):  # k-steps 2 p and 2 p + 1
+        o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%a0, %a1, %a2, %a3}}, [{tile}+{64 * p}];",
+              f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%e0, %e1, %e2, %e3}}, [{tile}+{64 * p + 32}];"]
+        for i in range(nt):
+            d = ", ".join(f"${4 * i + q}" for q in range(4))
+            mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}"
+            o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%b0, %b1, %b2, %b3}}, [{x}+{8 * i * ROW_BYTES + 64 * p}];",
+                  f"{mma}, {{%a0, %a1, %a2, %a3}}, {{%b0, %b1}}, {{{d}}};",
+                  f"{mma}, {{%e0, %e1, %e2, %e3}}, {{%b2, %b3}}, {{{d}}};"]
+    return o
+
+
 @functools.cache
 def smma_ptx(block_n: int, nt: int, dtype: str) -> str:
     """PTX of one program (see the module docstring) for BLOCK_N rows (BLOCK_N / 16 warps), NT 8-token tiles and a
@@ -190,16 +207,7 @@ def smma_ptx(block_n: int, nt: int, dtype: str) -> str:
           f"xor.b32 %t, %xbuf, {xtile};", "add.u32 %t, %t, %xd;", "add.u32 %t2, %c, 1;", f"setp.lt.u32 %pl, %t2, {c1};"]
     o += [f"@%pl cp.async.ca.shared.global [%t+{4 * j * ROW_BYTES}], [%x{j}+256], 16;" for j in range(pieces)]
     o += [f"add.s64 %x{j}, %x{j}, 256;" for j in range(pieces)]
-    o += ["cp.async.commit_group;", "add.u32 %xl, %xs, %xbuf;"]
-    for p in range(SMMA_CHUNK_K // 32):  # k-steps 2 p and 2 p + 1
-        o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%a0, %a1, %a2, %a3}}, [%ad+{64 * p}];",
-              f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%e0, %e1, %e2, %e3}}, [%ad+{64 * p + 32}];"]
-        for i in range(nt):
-            d = ", ".join(f"${4 * i + q}" for q in range(4))
-            mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}"
-            o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%b0, %b1, %b2, %b3}}, [%xl+{8 * i * ROW_BYTES + 64 * p}];",
-                  f"{mma}, {{%a0, %a1, %a2, %a3}}, {{%b0, %b1}}, {{{d}}};",
-                  f"{mma}, {{%e0, %e1, %e2, %e3}}, {{%b2, %b3}}, {{{d}}};"]
+    o += ["cp.async.commit_group;", "add.u32 %xl, %xs, %xbuf;"] + ldmatrix_mma_chunk("%ad", "%xl", nt, ty)
     o += [f"xor.b32 %xbuf, %xbuf, {xtile};"]
     o += [f"mov.b32 {a}, {b};" for a, b in zip(wa + ["%aoff"] + wb + ["%boff"], wb + ["%boff"] + wc + ["%coff"])]
     o += [f"xor.b32 %buf, %buf, {tile};", f"xor.b32 %sbuf, %sbuf, {STAGE_BYTES};", "add.u32 %c, %c, 1;",
