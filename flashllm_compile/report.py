@@ -57,10 +57,11 @@ def note_epilogues(decisions: list[LinearDecision], folded: dict[str, str]) -> N
 
 def _result(d: LinearDecision) -> str:
     """"sparse_linear", "sparse_linear [NxK]" when run inside a fused / sliced op of that shape, or "dense: why";
-    then the folded epilogue, e.g. "sparse_linear [256x64] +silu*up"."""
+    " csl" when the op runs the Tiled-CSL format; then the folded epilogue, e.g. "sparse_linear [256x64] +silu*up"."""
     if not d.rewritten:
         return "dense: " + d.reason
     op = f"sparse_linear [{d.op_shape[0]}x{d.op_shape[1]}]" if d.op_shape else "sparse_linear"
+    op += " csl" if d.layout == "csl" else ""
     return f"{op} {d.epilogue}" if d.epilogue else op
 
 

@@ -16,7 +16,7 @@ from flashllm_compile.codegen.formats import cache
 from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.common import TileConfig
 from flashllm_compile.passes import rewrite_sparse_linear as rsl
-from flashllm_compile.report import record_decisions
+from flashllm_compile.report import decision_table, record_decisions
 
 HIDDEN, INTER = 64, 128
 CMMA = TileConfig("cmma", 32, 8, 1, 2, 1)
@@ -102,6 +102,7 @@ def test_faster_csl_is_chosen_and_the_bitmap_dropped(tuner):
     decisions = compile_run(model, torch.randn(3, HIDDEN).half())
     assert [d.layout for d in decisions.values()] == ["csl", "csl"]
     assert counters["flashllm"]["csl"] == 2 and counters["flashllm"]["rewritten"] == 2
+    assert "sparse_linear csl" in decision_table(list(decisions.values()))  # what the demo / explain print
     # both formats measured at the static M = 3 with the dense fallback allowed
     assert sorted(asked) == [("bitmap", HIDDEN, 3, True), ("bitmap", INTER, 3, True),
                              ("csl", HIDDEN, 3, True), ("csl", INTER, 3, True)]
