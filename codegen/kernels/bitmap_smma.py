@@ -15,7 +15,7 @@ import triton.language as tl
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.kernels.bitmap_decode import store_elements
+from flashllm_compile.codegen.kernels.bitmap_decode import store_fragments
 from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
 from flashllm_compile.codegen.kernels.host_math import cdiv
 from flashllm_compile.codegen.kernels.smma_ptx import SMMA_CHUNK_K, SMMA_TYPES, smma_constraints, smma_ptx
@@ -69,13 +69,8 @@ def _bitmap_smma_kernel(
             (values_ptr + tl.load(offsets_ptr + num_chunks * N + N - 1) + zero).to(tl.int64, bitcast=True)]
     outs = tl.inline_asm_elementwise(ASM, CONSTRAINTS, args, dtype=(tl.float32,) * (4 * NT) + (tl.int32,),
                                      is_pure=True, pack=1)
-    tid = outs[4 * NT]
-    lane = tid % 32
-    row0 = pid_n * BLOCK_N + (tid // 32) * 16 + lane // 4
-    tok0 = pid_m * BLOCK_M + (lane % 4) * 2
-    for q in tl.static_range(4 * NT):  # accumulator q: n-tile q // 4, row + 8 if q % 4 >= 2, token + 1 if q odd
-        store_elements(out_ptr, bias_ptr, res_ptr, outs[q], row0 + 8 * ((q % 4) // 2), tok0 + 8 * (q // 4) + q % 2,
-                       pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS, ACT, HAS_RESIDUAL)
+    store_fragments(outs, out_ptr, bias_ptr, res_ptr, pid_n, pid_m, pid_s, M, N, stride_om, stride_os, BLOCK_N, BLOCK_M,
+                    HAS_BIAS, PARTIALS, ACT, HAS_RESIDUAL)
 
 
 def bitmap_smma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, config: TileConfig,

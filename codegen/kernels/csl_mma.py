@@ -11,7 +11,7 @@ import triton.language as tl
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.csl import CSL_CHUNK, CSL_ROWS, CslWeight
-from flashllm_compile.codegen.kernels.bitmap_decode import store_elements
+from flashllm_compile.codegen.kernels.bitmap_decode import store_fragments
 from flashllm_compile.codegen.kernels.cmma_ptx import cmma_config_ok, cmma_constraints, cmma_ptx
 from flashllm_compile.codegen.kernels.common import TileConfig, finish_split_k, in_kernel_epilogue, interpreting
 from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
@@ -49,13 +49,8 @@ def _csl_mma_kernel(
             zero + c0, zero + c1, zero + pid_m * BLOCK_M, zero + M, zero + stride_xm, idx]
     outs = tl.inline_asm_elementwise(ASM, CONSTRAINTS, args, dtype=(tl.float32,) * (4 * NT) + (tl.int32,),
                                      is_pure=True, pack=1)
-    tid = outs[4 * NT]
-    lane = tid % 32
-    row0 = pid_n * BLOCK_N + (tid // 32) * 16 + lane // 4
-    tok0 = pid_m * BLOCK_M + (lane % 4) * 2
-    for q in tl.static_range(4 * NT):  # accumulator q: n-tile q // 4, row + 8 if q % 4 >= 2, token + 1 if q odd
-        store_elements(out_ptr, bias_ptr, res_ptr, outs[q], row0 + 8 * ((q % 4) // 2), tok0 + 8 * (q // 4) + q % 2,
-                       pid_s, M, N, stride_om, stride_os, HAS_BIAS, PARTIALS, ACT, HAS_RESIDUAL)
+    store_fragments(outs, out_ptr, bias_ptr, res_ptr, pid_n, pid_m, pid_s, M, N, stride_om, stride_os, BLOCK_N, BLOCK_M,
+                    HAS_BIAS, PARTIALS, ACT, HAS_RESIDUAL)
 
 
 def cmma_block_m(m: int) -> int:
