@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 import triton
 
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.bitmap_fmma import bitmap_fmma, get_bitmap_fmma_configs
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import ROWWALK_MAX_M, bitmap_rowwalk, get_bitmap_rowwalk_configs
 from flashllm_compile.codegen.kernels.bitmap_smma import bitmap_smma, get_bitmap_smma_configs
 from flashllm_compile.codegen.kernels.bitmap_unpack import bitmap_unpack, get_bitmap_unpack_configs
-from flashllm_compile.codegen.kernels.common import TileConfig
+from flashllm_compile.codegen.kernels.common import CompressedWeight, TileConfig
 from flashllm_compile.codegen.kernels.csl_mma import cmma_default_config, csl_mma, get_csl_mma_configs
 from flashllm_compile.codegen.kernels.host_math import next_power_of_2
 
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 LAUNCHERS = {"fmma": bitmap_fmma, "mma": bitmap_mma, "rowwalk": bitmap_rowwalk, "smma": bitmap_smma, "unpack": bitmap_unpack,
              "cmma": csl_mma}
 GPU_ONLY_FAMILIES = frozenset({"fmma", "smma", "cmma"})  # whole programs in inline PTX: no interpreter path, fp16/bf16
-CompressedWeight = BitmapWeight | CslWeight
 
 
 def candidate_configs(m: int, fmt: CompressedWeight | None = None) -> list[TileConfig]:

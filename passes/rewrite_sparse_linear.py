@@ -24,7 +24,7 @@ from torch import fx
 from torch._dynamo.utils import counters
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
-from flashllm_compile.codegen.autotune import AUTOTUNER, Choice, CompressedWeight
+from flashllm_compile.codegen.autotune import AUTOTUNER, Choice
 from flashllm_compile.codegen.formats.cache import (
     adopt,
     compress_csl,
@@ -34,6 +34,7 @@ from flashllm_compile.codegen.formats.cache import (
     watch_weight,
     watch_weights,
 )
+from flashllm_compile.codegen.kernels.common import CompressedWeight
 from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_GROUPS, CMMA_MAX_M
 from flashllm_compile.options import FlashLLMOptions, KernelPreference
 from flashllm_compile.passes.dtensor_linears import local_shard, sparse_linear_dtensor

@@ -137,7 +137,8 @@ class CslWeight:
         return dense.view(self.dtype)[: self.n, : self.k].contiguous()
 
     def bank_conflicts(self) -> float:
-        """Mean shared-memory wavefronts per group store (1.0: conflict-free), for reports and tests."""
+        """Mean over group stores of the most words one bank receives (1.0: conflict-free): an upper bound on the
+        scatter's wavefronts, as it counts the two halves of one 32-bit word twice."""
         offset = (self.items.to(torch.int64) & 0xFFFFFFFF) >> 16
         bank = (offset // 4 % BANKS).view(-1, LANES)
         hist = torch.zeros(bank.shape[0], BANKS, dtype=torch.int64, device=bank.device)

@@ -16,7 +16,7 @@ import triton.language as tl
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import store_fragments
-from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
+from flashllm_compile.codegen.kernels.common import CompressedWeight, TileConfig, interpreting, launch_bitmap_kernel
 from flashllm_compile.codegen.kernels.host_math import cdiv
 from flashllm_compile.codegen.kernels.smma_ptx import SMMA_CHUNK_K, SMMA_TYPES, smma_constraints, smma_ptx
 
@@ -87,9 +87,9 @@ def bitmap_smma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
                                 ASM=smma_ptx(config.block_n, nt, dtype), CONSTRAINTS=smma_constraints(nt))
 
 
-def _whole_chunks(x: torch.Tensor, fmt: BitmapWeight) -> torch.Tensor:
-    """x: [M, K] -> [M, C * 128] row-major, 16-byte aligned: the PTX copies whole chunks of x into shared memory with
-    unmasked 16-byte cp.async (columns past K are zero, as are the weight's)."""
+def _whole_chunks(x: torch.Tensor, fmt: CompressedWeight) -> torch.Tensor:
+    """x: [M, K] -> [M, C * 128] row-major, 16-byte aligned: the PTX programs (smma, fmma, cmma) copy whole chunks of x
+    into shared memory with unmasked 16-byte cp.async (columns past K are zero, as are the weight's)."""
     padded = fmt.num_chunks * SMMA_CHUNK_K
     if padded != fmt.k:
         return F.pad(x, (0, padded - fmt.k))

@@ -9,10 +9,12 @@ import torch
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.epilogue import fused_epilogue
 from flashllm_compile.codegen.kernels.host_math import cdiv
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CompressedWeight = BitmapWeight | CslWeight  # the formats a kernel family runs on (one each)
 
 
 class TileConfig(NamedTuple):
@@ -36,15 +38,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_launch(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None) -> None:
+def check_launch(x: torch.Tensor, fmt: CompressedWeight, bias: torch.Tensor | None) -> None:
     """Raise a clear error for anything the kernels cannot run; callers decide on fallbacks before this."""
     if x.dim() != 2 or x.shape[1] != fmt.k:
         raise ValueError(f"sparse kernel expects x of shape [M, {fmt.k}], got {tuple(x.shape)}")
     if x.dtype != fmt.dtype or x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"sparse kernel supports {KERNEL_DTYPES} with x.dtype == weight dtype, "
                         f"got x {x.dtype}, weight {fmt.dtype}")
-    if x.device != fmt.values.device:
-        raise ValueError(f"x on {x.device} but compressed weight on {fmt.values.device}")
+    if x.device != fmt.device:
+        raise ValueError(f"x on {x.device} but compressed weight on {fmt.device}")
     if x.device.type != "cuda" and not interpreting():
         raise RuntimeError("Triton sparse kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
                            "use kernel='emulated' or 'dense' on CPU")
@@ -52,13 +54,13 @@ def check_launch(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None) 
         raise ValueError(f"bias must be [{fmt.n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
 
 
-def split_k_plan(fmt: BitmapWeight, split_k: int) -> tuple[int, int]:
+def split_k_plan(fmt: CompressedWeight, split_k: int) -> tuple[int, int]:
     """(chunks per split, number of splits actually used) so that no split is empty."""
     per_split = cdiv(fmt.num_chunks, split_k)
     return per_split, cdiv(fmt.num_chunks, per_split)
 
 
-def split_k_output(x: torch.Tensor, fmt: BitmapWeight, config: TileConfig,
+def split_k_output(x: torch.Tensor, fmt: CompressedWeight, config: TileConfig,
                    epilogue: Epilogue | None = None) -> tuple[torch.Tensor, int, int]:
     """(out, chunks per split, splits): out is [M, N] in x's dtype, or fp32 [S, M, N] partials for split-K and for a
     GLU epilogue (S = 1 then: a row block holds gate or up rows, not both).  Without partials the kernel applies

@@ -5,15 +5,22 @@ stores) and the tuning space.  GPU only (fp16 / bf16), like fmma: the interprete
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
-from flashllm_compile.codegen.formats.csl import CSL_CHUNK, CSL_ROWS, CslWeight
+from flashllm_compile.codegen.formats.csl import CSL_ROWS, CslWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import store_fragments
+from flashllm_compile.codegen.kernels.bitmap_smma import _whole_chunks
 from flashllm_compile.codegen.kernels.cmma_ptx import cmma_config_ok, cmma_constraints, cmma_ptx
-from flashllm_compile.codegen.kernels.common import TileConfig, finish_split_k, in_kernel_epilogue, interpreting
+from flashllm_compile.codegen.kernels.common import (
+    TileConfig,
+    check_launch,
+    finish_split_k,
+    in_kernel_epilogue,
+    interpreting,
+    split_k_output,
+)
 from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
 from flashllm_compile.codegen.kernels.smma_ptx import SMMA_TYPES
 
@@ -64,8 +71,8 @@ def cmma_default_config(m: int) -> TileConfig:
 
 
 def get_csl_mma_configs(m: int) -> list[TileConfig]:
-    """Tuning space: 1, 2 or 4 warps (16 rows each) where shared memory allows, split-K 1..8; BLOCK_M up to 32
-    (larger M runs more programs along M, each scattering the tile again)."""
+    """Tuning space: 2 or 4 warps (16 rows each) where shared memory allows, split-K 1..8; BLOCK_M up to 32 (larger M
+    runs more programs along M, each scattering the tile again)."""
     if interpreting():
         return []
     block_m = cmma_block_m(m)
@@ -78,26 +85,17 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
     """x: [M, K] -> [M, N] (N_out with an epilogue)."""
     if not (x.is_cuda and not interpreting() and str(x.dtype).removeprefix("torch.") in SMMA_TYPES):
         raise RuntimeError(f"the cmma kernel needs a CUDA fp16/bf16 x, got {x.device} {x.dtype}")
-    if x.dim() != 2 or x.shape[1] != fmt.k or x.dtype != fmt.dtype:
-        raise ValueError(f"cmma expects x [M, {fmt.k}] {fmt.dtype}, got {tuple(x.shape)} {x.dtype}")
-    if bias is not None and (bias.shape != (fmt.n,) or bias.dtype != x.dtype):
-        raise ValueError(f"bias must be [{fmt.n}] of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    check_launch(x, fmt, bias)
     nt = config.block_m // 8
     if config.block_n != CSL_ROWS * config.num_warps or not cmma_config_ok(config.num_warps, nt):
         raise ValueError(f"not a cmma config: {config.short()}")
     if fmt.max_groups > CMMA_MAX_GROUPS:
         raise ValueError(f"cmma holds at most {CMMA_MAX_GROUPS} words a lane per chunk; this weight needs "
                          f"{fmt.max_groups} (too dense for the Tiled-CSL format)")
-    padded = fmt.num_chunks * CSL_CHUNK
-    x = F.pad(x, (0, padded - fmt.k)) if padded != fmt.k else x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
+    x = _whole_chunks(x, fmt)  # [M, C * 128], 16-byte aligned
     m = x.shape[0]
-    per_split = cdiv(fmt.num_chunks, config.split_k)
-    split_k = cdiv(fmt.num_chunks, per_split)
-    partials = split_k > 1 or (epilogue is not None and epilogue.glu)
-    out = torch.empty((split_k, m, fmt.n) if partials else (m, fmt.n), device=x.device,
-                      dtype=torch.float32 if partials else x.dtype)
+    out, per_split, split_k = split_k_output(x, fmt, config, epilogue)
+    partials = out.dim() == 3
     if m == 0:
         return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
