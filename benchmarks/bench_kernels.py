@@ -114,6 +114,14 @@ def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
     return row
 
 
+def write_csv(rows: list[dict], path: str) -> None:
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -165,11 +173,7 @@ def main() -> None:
                     print(f"{model}.{layer} {n}x{k} s={sparsity} M={m}: ours {r['ours_us']:.1f} us "
                           f"({r['kernel']} {r['config']}), cuBLAS {r['cublas_us']:.1f} us, x{r['speedup']:.2f}, "
                           f"{r['ours_GBps']:.0f} GB/s", flush=True)
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    with open(os.path.join(args.out, "bench_kernels.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
+                    write_csv(rows, os.path.join(args.out, "bench_kernels.csv"))  # so far: a cut-off run keeps it
     plot(rows, os.path.join(args.out, "bench_kernels.png"))
 
     print(f"\n{gpu_info()}, {args.dtype}, copy bandwidth {copy_gbps:.0f} GB/s")

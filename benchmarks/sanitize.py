@@ -68,12 +68,13 @@ OUT_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0*
 
 
 CSL_FAMILY = "cmma"  # on the Tiled-CSL format; only where asked for (--families), see the module docstring
+CSL_CASE_GROUPS = 16  # word registers the 80%-sparse case weights need (the configs offered for them)
 
 
 def configs_for(m: int, which: str, families: list[str] | None = None) -> list:
     """Every config of every family for M tokens ("all"), or per family its first config at the smallest and the
     largest split-K ("family": the interpreter's smoke test); `families`: only those (default: the bitmap's)."""
-    configs = candidate_configs(m) + (get_csl_mma_configs(m) if families and CSL_FAMILY in families else [])
+    configs = candidate_configs(m) + (get_csl_mma_configs(m, CSL_CASE_GROUPS) if families and CSL_FAMILY in families else [])
     configs = [c for c in configs if (c.family in families if families else c.family != CSL_FAMILY)]
     if which == "all":
         return configs

@@ -43,7 +43,7 @@ GPU_ONLY_FAMILIES = frozenset({"fmma", "smma", "cmma"})  # whole programs in inl
 def candidate_configs(m: int, fmt: CompressedWeight | None = None) -> list[TileConfig]:
     """Every sparse config worth timing for M tokens on `fmt`'s format (default: the bitmap's), all families."""
     if isinstance(fmt, CslWeight):
-        return get_csl_mma_configs(m)
+        return get_csl_mma_configs(m, fmt.max_groups)
     return (get_bitmap_rowwalk_configs(m) + get_bitmap_fmma_configs(m) + get_bitmap_smma_configs(m)
             + get_bitmap_mma_configs(m) + get_bitmap_unpack_configs(m))
 DENSITY_STEP = 0.05  # densities within one step share a tuning result
@@ -94,7 +94,7 @@ def untuned_choice(m: int, allow_dense: bool, fmt: CompressedWeight | None = Non
     default sparse config for M on `fmt`'s format."""
     if allow_dense:
         return Choice("dense", None, float("nan"), float("nan"))
-    config = cmma_default_config(m) if isinstance(fmt, CslWeight) else default_config(m)
+    config = cmma_default_config(m, fmt.max_groups) if isinstance(fmt, CslWeight) else default_config(m)
     return Choice(config.family, config, float("nan"), float("nan"))
 
 

@@ -117,26 +117,34 @@ def test_bank_aware_order_cuts_the_scatter_wavefronts(sparsity, bound):
     assert fmt.bank_conflicts() >= ordered - 1e-6  # the report's figure counts halves of one word twice: an upper bound
 
 
-@pytest.mark.parametrize("warps, block_m, dtype, partials, depth", [
-    (2, 8, "float16", False, 2), (4, 16, "bfloat16", True, 1), (2, 32, "float16", True, 2)])
-def test_cmma_compiles_for_sm90(warps, block_m, dtype, partials, depth, tmp_path):
+@pytest.mark.parametrize("warps, rt, block_m, dtype, partials, depth, max_groups, unscatter", [
+    (2, 1, 8, "float16", False, 2, 16, False), (4, 1, 16, "bfloat16", True, 1, 16, False),
+    (2, 2, 32, "float16", True, 1, 16, False), (4, 1, 64, "float16", False, 1, 24, False),
+    (4, 2, 8, "bfloat16", True, 1, 12, True), (2, 2, 64, "float16", False, 1, 8, True)])
+def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_groups, unscatter, tmp_path):
     from ptx_program import assert_one_element_per_thread, compile_cmma
 
-    from flashllm_compile.codegen.kernels.cmma_ptx import STATIC_SMEM_MAX, cmma_smem_bytes
+    from flashllm_compile.codegen.kernels.cmma_ptx import STATIC_SMEM_MAX, cmma_smem_bytes, cmma_x_buffers
 
     nt = block_m // 8
-    result = compile_cmma(warps, block_m, dtype, partials, 16, depth, tmp_path)
+    result = compile_cmma(warps, rt, block_m, dtype, partials, max_groups, depth, unscatter, tmp_path)
     assert_one_element_per_thread(result, warps)
-    assert result["shared"] == cmma_smem_bytes(warps, nt) <= STATIC_SMEM_MAX
+    assert result["shared"] == cmma_smem_bytes(warps, rt, nt) <= STATIC_SMEM_MAX
     if "spills" in result:
         assert not result["spills"], "the cmma program spills registers to local memory"
         # the loop body is unrolled once per word-register set (depth + 1 chunks), and ptxas may emit the loop
-        # twice (a peeled first iteration); each chunk has one block barrier (the staged x)
-        chunks = result["BAR.SYNC"]
-        assert chunks in (depth + 1, 2 * (depth + 1)), result
-        assert result["HMMA"] == chunks * 8 * nt  # 8 k-steps a chunk, one MMA per 8-token tile
-        assert result["LDSM"] == chunks * (8 + 4 * nt)  # A: 2 ldmatrix.x4 per k-step pair; B: 1 per tile
-        assert result["STS.U16"] == chunks * 16  # one 16-bit store per word register (max_groups = 16)
+        # twice (a peeled first iteration); each chunk has one block barrier (x double-buffered) or two (single)
+        barriers = 3 - cmma_x_buffers(warps, rt, nt)
+        chunks = result["BAR.SYNC"] // barriers
+        assert chunks in (depth + 1, 2 * (depth + 1)) and result["BAR.SYNC"] % barriers == 0, result
+        assert result["HMMA"] == chunks * 8 * nt * rt  # 8 k-steps a chunk, one MMA per weight tile and token tile
+        # A: 2 ldmatrix.x4 per k-step pair and weight tile; B: 1 per token tile, shared by the weight tiles
+        assert result["LDSM"] == chunks * (8 * rt + 4 * nt)
+        # one 16-bit store per word register, and with unscatter one more (its zero, a chunk later; ptxas drops
+        # those of a peeled first chunk, where no words went yet)
+        stores = [chunks * rt * max_groups * 2, (chunks * 2 - 1) * rt * max_groups] if unscatter else \
+            [chunks * rt * max_groups]
+        assert result["STS.U16"] in stores, result
         assert result["LDGSTS"] > 0  # x chunks copied asynchronously
 
 
@@ -151,16 +159,20 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     assert autotune.untuned_choice(8, True, fmt).family == "dense"
     x = torch.randn(2, 256, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="cmma kernel needs a CUDA"):
-        csl_mma.csl_mma(x, fmt, None, csl_mma.cmma_default_config(2))
+        csl_mma.csl_mma(x, fmt, None, csl_mma.cmma_default_config(2, fmt.max_groups))
     monkeypatch.setattr(csl_mma, "interpreting", lambda: False)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # get past the device check
-    for config in (TileConfig("cmma", 48, 8, 1, 3, 2), TileConfig("cmma", 32, 64, 1, 2, 2),
-                   TileConfig("cmma", 64, 8, 1, 2, 2)):
+    for config in (TileConfig("cmma", 48, 8, 1, 3, 2), TileConfig("cmma", 32, 128, 1, 2, 2),
+                   TileConfig("cmma", 48, 8, 1, 1, 2), TileConfig("cmma", 128, 64, 1, 2, 1)):
         with pytest.raises(ValueError, match="not a cmma config"):
             csl_mma.csl_mma(x, fmt, None, config)
+    assert fmt.max_groups == 16  # ~410 nonzeros a [16, 128] tile at 80%: 13-14 groups of 32 words, rounded up
+    with pytest.raises(ValueError, match="weight tiles a warp"):  # 1 warp owning 4 tiles: 4 x 16 word registers
+        csl_mma.csl_mma(x, fmt, None, TileConfig("cmma", 64, 8, 1, 1, 1))
+    assert all(csl_mma.cmma_row_tiles(c) * 16 <= 32 for c in csl_mma.get_csl_mma_configs(8, 16))
     dense_fmt = CslWeight.from_dense(pruned(32, 256, 0.0))
     with pytest.raises(ValueError, match="too dense"):
-        csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2))
+        csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2, 16))
 
 
 def test_tuner_keys_the_formats_apart(tmp_path):

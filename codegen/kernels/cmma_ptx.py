@@ -1,21 +1,24 @@
 """Tensor-core kernel on the Tiled-CSL format (codegen/formats/csl.py), as inline PTX for
 `tl.inline_asm_elementwise` on a tensor with one element per thread (the text runs once in every thread).
 
-Flash-LLM's "load as sparse, compute as dense" with a decode that costs per nonzero: every warp owns one 16-row
-tile of the weight and, per 128-column chunk c,
-  load      its segment's words (one 32-bit word a nonzero, `offset << 16 | value`) for chunk c + depth into
+Flash-LLM's "load as sparse, compute as dense" with a decode that costs per nonzero: every warp owns RT consecutive
+16-row tiles of the weight and, per 128-column chunk c,
+  load      its segments' words (one 32-bit word a nonzero, `offset << 16 | value`) for chunk c + depth into
             registers, one coalesced 128-byte load per group of 32 (issued `depth` chunks before they are used);
-  zero      its [16, 128] tile buffer (8 16-byte stores a lane);
+  clear     its [16, 128] tile buffers: 8 16-byte stores a lane and tile, or (`unscatter`, sparse weights) a zero
+            stored where chunk c - 1's words went, while those words are still in registers;
   scatter   chunk c's words: shift, add, 16-bit store (the format orders them so that a group's 32 stores mostly
             hit distinct banks);
-  mma       per pair of k-steps two ldmatrix.x4 of the tile and, per 8-token tile, one ldmatrix.x4 of the x chunk
-            staged in shared memory (once per program, one barrier a chunk) and two mma.m16n8k16.
-The weight tile is private to its warp (double-buffered, so a buffer is zeroed two chunks after its last read,
-with only warp-level syncs); the barrier is for x.  Outputs: the 4 * NT fp32 accumulators, then %tid.x; accumulator q
-of n-tile i is row 16 w + lane / 4 + 8 (q / 2), token 8 i + 2 (lane % 4) + q % 2 (smma's mapping, so the Triton
-kernel around it stores it the same way).
-Where it stands (H100, benchmarks/RESULTS.md idea 21): 1.33-1.38x cuBLAS at M = 4..16 and 80% sparsity (fmma: 1.15-
-1.27x), 1.45-1.52x at 90%, ~1.0 at M = 32; it moves its bytes at about half the copy bandwidth.
+  mma       per pair of k-steps and per 8-token tile one ldmatrix.x4 of the x chunk staged in shared memory (once
+            per program), shared by the RT weight tiles: two ldmatrix.x4 of each tile and two mma.m16n8k16.
+Why RT tiles a warp: the kernel is bound by shared-memory wavefronts (ncu, RESULTS.md idea 21), and every warp reads
+the whole x chunk (16 wavefronts per 8 tokens) whatever its rows; owning 2 tiles halves that per weight row, which
+matters from M = 16 (H100, LLaMA-7B 80%: M = 32 0.99 -> 1.20x cuBLAS, M = 64 0.58 -> 0.88x; idea 22).
+The tiles are private to their warp and single-buffered (only warp-level syncs guard them).  x is double-buffered
+(chunk c + 1 copied while chunk c is computed, one barrier a chunk) where shared memory allows, else single
+(two barriers a chunk).  Outputs: the 4 NT RT fp32 accumulators, then %tid.x; accumulator 4 NT r + q of weight
+tile r is row 16 (RT w + r) + lane / 4 + 8 ((q % 4) / 2), token 8 (q / 4) + 2 (lane % 4) + q % 2 (smma's mapping per
+tile, so the Triton kernel around it stores it the same way: bitmap_decode.store_fragments).
 """
 
 from __future__ import annotations
@@ -27,19 +30,27 @@ from flashllm_compile.codegen.kernels.smma_ptx import ROW_BYTES, SMMA_TYPES, STA
 
 X_ROW_BYTES = TILE_ROW_BYTES  # a token's x chunk in shared memory, padded like a tile row (ldmatrix without conflicts)
 assert TILE_ROW_BYTES == X_ROW_BYTES == ROW_BYTES  # smma's tile rows: the ldmatrix / mma code is shared
+ROW_TILES = (1, 2, 4)  # weight tiles a warp may own
+MAX_PIECES = 16  # 16-byte pieces of an x chunk a thread copies (a 32-bit source offset each)
 
 
-def cmma_smem_bytes(warps: int, nt: int) -> int:
-    """Two tile buffers a warp and two x chunks [8 NT, 128]."""
-    return warps * 2 * TILE_BYTES + 2 * 8 * nt * X_ROW_BYTES
+def cmma_x_buffers(warps: int, rt: int, nt: int) -> int:
+    """x chunk buffers: two (x chunk c + 1 copied while chunk c is computed, one barrier a chunk) where shared memory
+    allows, else one (two barriers a chunk)."""
+    return 2 if warps * rt * TILE_BYTES + 2 * 8 * nt * X_ROW_BYTES <= STATIC_SMEM_MAX else 1
 
 
-def cmma_config_ok(warps: int, nt: int) -> bool:
-    """Whether a program of `warps` warps and NT 8-token tiles can be built: whole x pieces per thread, static
-    shared memory under the cap."""
+def cmma_smem_bytes(warps: int, rt: int, nt: int) -> int:
+    """One tile buffer per weight tile of every warp, and the x chunk buffers [8 NT, 128]."""
+    return warps * rt * TILE_BYTES + cmma_x_buffers(warps, rt, nt) * 8 * nt * X_ROW_BYTES
+
+
+def cmma_config_ok(warps: int, rt: int, nt: int) -> bool:
+    """Whether a program of `warps` warps owning `rt` weight tiles each and NT 8-token tiles can be built: whole x
+    pieces per thread, static shared memory under the cap."""
     threads = 32 * warps
-    return warps in (1, 2, 4, 8) and nt >= 1 and (8 * nt * 16) % threads == 0 and \
-        cmma_smem_bytes(warps, nt) <= STATIC_SMEM_MAX
+    return warps in (1, 2, 4, 8) and rt in ROW_TILES and nt >= 1 and (8 * nt * 16) % threads == 0 and \
+        8 * nt * 16 // threads <= MAX_PIECES and cmma_smem_bytes(warps, rt, nt) <= STATIC_SMEM_MAX
 
 
 def _load_groups(regs: list[str], count: str, base: str, pred: str) -> list[str]:
@@ -51,48 +62,57 @@ def _load_groups(regs: list[str], count: str, base: str, pred: str) -> list[str]
     return o
 
 
-def _scatter(regs: list[str], count: str, tile: str) -> list[str]:
-    """Store the value (low half) of each loaded word at tile + its offset (high half)."""
+def _scatter(regs: list[str], count: str, tile: str, value: str | None = None) -> list[str]:
+    """Store the value (low half) of each loaded word, or `value`'s low half, at tile + its offset (high half)."""
     o = []
     for g, r in enumerate(regs):
         o += [f"setp.gt.u32 %pg, {count}, {g};", f"shr.u32 %so, {r}, 16;", f"add.u32 %so, %so, {tile};",
-              f"@%pg st.shared.b16 [%so], {r};"]
+              f"@%pg st.shared.b16 [%so], {value or r};"]
     return o
 
 
 @functools.cache
-def cmma_ptx(warps: int, nt: int, dtype: str, max_groups: int, depth: int = 2) -> str:
-    """PTX of one program: `warps` warps (16 weight rows each), NT 8-token tiles, a torch dtype name in SMMA_TYPES,
-    at most `max_groups` groups of 32 words per segment (registers per lane for one chunk), and the words of chunk
-    c + `depth` loaded while chunk c is computed.  Operands (cmma_constraints): items, seg_start, x (u64), first
-    row, N, chunks C, first chunk, end chunk, first token, M, x row stride, element index (unused)."""
-    if not cmma_config_ok(warps, nt) or depth < 1:
-        raise ValueError(f"no cmma program for {warps} warps, {nt} token tiles, depth {depth}")
+def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1, unscatter: bool = False) -> str:
+    """PTX of one program: `warps` warps owning `rt` consecutive 16-row weight tiles each, NT 8-token tiles, a torch
+    dtype name in SMMA_TYPES, at most `max_groups` groups of 32 words per segment (registers per lane and tile for
+    one chunk), and the words of chunk c + `depth` loaded while chunk c is computed.  Operands (cmma_constraints):
+    items, seg_start, x (u64), first row, N, chunks C, first chunk, end chunk, first token, M, x row stride, element
+    index (unused).  `unscatter`: clear a tile by storing zeros where the previous chunk's words went instead of
+    zeroing all of it (fewer shared-memory wavefronts when a tile has few nonzeros)."""
+    if not cmma_config_ok(warps, rt, nt) or depth < 1:
+        raise ValueError(f"no cmma program for {warps} warps, {rt} row tiles, {nt} token tiles, depth {depth}")
     ty = SMMA_TYPES[dtype]
-    acc = 4 * nt
+    acc = 4 * nt * rt
     items, seg, xp, n0, nn, nc, c0, c1, t0, mm, sx, _ = (f"${acc + 1 + i}" for i in range(12))
     threads = 32 * warps
     xtile = 8 * nt * X_ROW_BYTES
+    xbufs = cmma_x_buffers(warps, rt, nt)
     pieces = 8 * nt * 16 // threads  # 16-byte pieces of an x chunk each thread copies
     rows_per_piece = threads // 16
-    sets = [[f"%g{j}_{g}" for g in range(max_groups)] for j in range(depth + 1)]  # words of depth + 1 chunks
-    counts = [f"%cnt{j}" for j in range(depth + 1)]
-    o = ["{", f".shared .align 16 .b8 flc_w[{warps * 2 * TILE_BYTES}];", f".shared .align 16 .b8 flc_x[{2 * xtile}];",
-         ".reg .pred %pw, %pe, %pl, %pg;",
-         ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %m, %tok, %tb, %buf, %zb, %sa, %so, %z, %eS, %eN;",
-         ".reg .b32 %xs, %xd, %xl, %xbuf, %a<4>, %e<4>, %b<4>, " + ", ".join(counts) + ";",
-         *([".reg .b32 " + ", ".join(r for regs in sets for r in regs) + ";"] if max_groups else []),
-         ".reg .b64 %o64, %sp, %ip, " + ", ".join(f"%x{i}" for i in range(pieces)) + ";"]
+    tiles = range(rt)
+    # word registers of depth + 1 chunks per weight tile, and their counts
+    sets = [[[f"%g{j}_{r}_{g}" for g in range(max_groups)] for r in tiles] for j in range(depth + 1)]
+    counts = [[f"%cnt{j}_{r}" for r in tiles] for j in range(depth + 1)]
+    per_tile = [f"%{name}{r}" for r in tiles for name in ("eS", "eN")]
+    o = ["{", f".shared .align 16 .b8 flc_w[{warps * rt * TILE_BYTES}];",
+         f".shared .align 16 .b8 flc_x[{xbufs * xtile}];",
+         ".reg .pred %pe, %pl, %pg, " + ", ".join(f"%pw{r}" for r in tiles) + ";",
+         ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %m, %tok, %tb, %zb, %sa, %so, %z;",
+         f".reg .b32 %xs, %xd, %xl, %xbuf, %a<4>, %e<4>, %b<{4 * nt}>, "
+         + ", ".join([c for cs in counts for c in cs] + per_tile) + ";",
+         *([".reg .b32 " + ", ".join(g for regs in sets for rs in regs for g in rs) + ";"] if max_groups else []),
+         ".reg .b32 " + ", ".join(f"%x{i}" for i in range(pieces)) + ";",
+         ".reg .b64 %o64, %ip, %xc, " + ", ".join(f"%sp{r}" for r in tiles) + ";"]
     o += [f"mov.f32 ${i}, 0f00000000;" for i in range(acc)]
     o += ["mov.u32 %th, %tid.x;", f"mov.u32 ${acc}, %th;", "and.b32 %lane, %th, 31;", "shr.u32 %warp, %th, 5;",
-          "mov.b32 %z, 0;",
-          # row tile of this warp (rows 16 rt ..): a warp past N loads and scatters nothing but keeps the barriers
-          "shr.u32 %rt, " + n0 + ", 4;", "add.u32 %rt, %rt, %warp;", "shl.b32 %t, %rt, 4;",
-          f"setp.lt.u32 %pw, %t, {nn};",
-          # &seg_start[rt * C + c0]
-          f"mad.lo.u32 %t, %rt, {nc}, {c0};", "mul.wide.u32 %o64, %t, 4;", f"add.s64 %sp, {seg}, %o64;",
-          # this warp's tile buffers; zero role: row lane / 2, half lane % 2
-          "mov.u32 %tb, flc_w;", f"mad.lo.u32 %tb, %warp, {2 * TILE_BYTES}, %tb;",
+          "mov.b32 %z, 0;", "shr.u32 %rt, " + n0 + ", 4;", f"mad.lo.u32 %rt, %warp, {rt}, %rt;"]
+    for r in tiles:
+        # weight tile rt + r of this warp (rows 16 (rt + r) ..): past N it loads and scatters nothing but keeps the
+        # barriers; &seg_start[(rt + r) * C + c0]
+        o += [f"add.u32 %t2, %rt, {r};", "shl.b32 %t, %t2, 4;", f"setp.lt.u32 %pw{r}, %t, {nn};",
+              f"mad.lo.u32 %t, %t2, {nc}, {c0};", "mul.wide.u32 %o64, %t, 4;", f"add.s64 %sp{r}, {seg}, %o64;"]
+    o += [  # this warp's tile buffers; zero role: row lane / 2, half lane % 2
+          "mov.u32 %tb, flc_w;", f"mad.lo.u32 %tb, %warp, {rt * TILE_BYTES}, %tb;",
           "shr.u32 %t, %lane, 1;", "and.b32 %t2, %lane, 1;", f"mad.lo.u32 %zb, %t, {TILE_ROW_BYTES}, %tb;",
           "mad.lo.u32 %zb, %t2, 128, %zb;",
           # ldmatrix.x4 address of A: row lane % 8 + 8 ((lane / 8) % 2), column 8 (lane / 16)
@@ -105,53 +125,90 @@ def cmma_ptx(warps: int, nt: int, dtype: str, max_groups: int, depth: int = 2) -
           # x pieces this thread copies: token rows tid / 16 + rows_per_piece j, 16 bytes at column 8 (tid % 16)
           "and.b32 %t, %th, 15;", "shr.u32 %t2, %th, 4;", "shl.b32 %t, %t, 4;",
           f"mad.lo.u32 %xd, %t2, {X_ROW_BYTES}, %t;", "mov.u32 %t, flc_x;", "add.u32 %xd, %xd, %t;",
-          f"add.u32 %m, {mm}, -1;"]
+          f"add.u32 %m, {mm}, -1;", "and.b32 %t, %th, 15;", "shl.b32 %t, %t, 3;",
+          # %xc: x chunk c (advances 256 bytes a chunk); %x j: element offset of piece j in it (token clamped to
+          # M - 1: a padding token's B column only feeds its own D column, which is never stored)
+          f"mul.wide.u32 %o64, {c0}, {2 * CSL_CHUNK};", f"add.s64 %xc, {xp}, %o64;"]
     for j in range(pieces):
         o += [f"add.u32 %tok, {t0}, %t2;", f"add.u32 %tok, %tok, {rows_per_piece * j};", "min.u32 %tok, %tok, %m;",
-              f"mul.lo.u32 %tok, %tok, {sx};", f"mad.lo.u32 %tok, {c0}, {CSL_CHUNK}, %tok;",
-              "mul.wide.u32 %o64, %tok, 2;", f"add.s64 %x{j}, {xp}, %o64;", "and.b32 %tok, %th, 15;",
-              "mul.wide.u32 %o64, %tok, 16;", f"add.s64 %x{j}, %x{j}, %o64;"]
+              f"mad.lo.u32 %x{j}, %tok, {sx}, %t;"]
 
-    def load_chunk(regs: list[str], count: str, ahead: int) -> list[str]:
-        """Words of chunk c + `ahead` (segment from %eS to %eN) into `regs`, where that chunk is the program's."""
-        b = [f"add.u32 %t, %c, {ahead};", f"setp.lt.u32 %pl, %t, {c1};", "and.pred %pl, %pl, %pw;",
-             f"mov.u32 {count}, 0;", f"@%pl sub.u32 {count}, %eN, %eS;",
-             "mul.wide.u32 %o64, %eS, 128;", f"add.s64 %ip, {items}, %o64;", "mul.wide.u32 %o64, %lane, 4;",
-             "add.s64 %ip, %ip, %o64;"]
-        return b + _load_groups(regs, count, "%ip", "%pl")
+    def load_chunk(j: int, ahead: int) -> list[str]:
+        """Words of chunk c + `ahead` (tile r's segment from %eS_r to %eN_r) into sets[j], where that chunk is the
+        program's."""
+        b = [f"add.u32 %t, %c, {ahead};"]
+        for r in tiles:
+            b += [f"setp.lt.u32 %pl, %t, {c1};", f"and.pred %pl, %pl, %pw{r};", f"mov.u32 {counts[j][r]}, 0;",
+                  f"@%pl sub.u32 {counts[j][r]}, %eN{r}, %eS{r};", f"mul.wide.u32 %o64, %eS{r}, 128;",
+                  f"add.s64 %ip, {items}, %o64;", "mul.wide.u32 %o64, %lane, 4;", "add.s64 %ip, %ip, %o64;"]
+            b += _load_groups(sets[j][r], counts[j][r], "%ip", "%pl")
+        return b
 
     def next_end(ahead: int) -> list[str]:
-        """%eS <- %eN; %eN <- the end of chunk c + `ahead`'s segment (%sp: its seg_start entry); %sp advances."""
-        return ["mov.u32 %eS, %eN;", f"add.u32 %t, %c, {ahead};", f"setp.lt.u32 %pl, %t, {c1};",
-                "and.pred %pl, %pl, %pw;", "@%pl ld.global.nc.b32 %eN, [%sp+4];", "add.s64 %sp, %sp, 4;"]
+        """Per tile: %eS <- %eN; %eN <- the end of chunk c + `ahead`'s segment (%sp: its seg_start entry); %sp
+        advances."""
+        b = [f"add.u32 %t, %c, {ahead};"]
+        for r in tiles:
+            b += [f"mov.u32 %eS{r}, %eN{r};", f"setp.lt.u32 %pl, %t, {c1};", f"and.pred %pl, %pl, %pw{r};",
+                  f"@%pl ld.global.nc.b32 %eN{r}, [%sp{r}+4];", f"add.s64 %sp{r}, %sp{r}, 4;"]
+        return b
 
-    # prologue: words of chunks c0 .. c0 + depth - 1, the end of chunk c0 + depth's segment, x chunk c0
-    o += [f"mov.u32 %c, {c0};", f"setp.ge.u32 %pe, %c, {c1};", "@%pe bra CMMA_END;", "mov.u32 %buf, 0;",
-          "mov.u32 %xbuf, 0;", "mov.u32 %eN, 0;", "@%pw ld.global.nc.b32 %eN, [%sp];"]
+    def zero_tiles() -> list[str]:
+        """Zero this warp's tiles: 8 16-byte stores a lane and tile."""
+        return [f"st.shared.v4.b32 [%zb+{r * TILE_BYTES + 16 * i}], {{%z, %z, %z, %z}};" for r in tiles for i in range(8)]
+
+    def copy_x(dst: str, src_offset: int, pred: str | None) -> list[str]:
+        """This thread's pieces of an x chunk (source pointers + src_offset) to the x buffer at `dst`."""
+        guard = f"@{pred} " if pred else ""
+        b = []
+        for j in range(pieces):
+            b += [f"mul.wide.u32 %o64, %x{j}, 2;", "add.s64 %o64, %xc, %o64;",
+                  f"{guard}cp.async.cg.shared.global [{dst}+{rows_per_piece * j * X_ROW_BYTES}], [%o64+{src_offset}], 16;"]
+        return b + ["cp.async.commit_group;"]
+
+    # prologue: words of chunks c0 .. c0 + depth - 1, the end of chunk c0 + depth's segment, x chunk c0 (when x is
+    # double-buffered; single-buffered, every chunk copies its own)
+    o += [f"mov.u32 %c, {c0};", f"setp.ge.u32 %pe, %c, {c1};", "@%pe bra CMMA_END;", "mov.u32 %xbuf, 0;"]
+    for r in tiles:
+        o += [f"mov.u32 %eN{r}, 0;", f"@%pw{r} ld.global.nc.b32 %eN{r}, [%sp{r}];"]
     for j in range(depth):
-        o += next_end(j) + load_chunk(sets[j], counts[j], j)
+        o += next_end(j) + load_chunk(j, j)
     o += next_end(depth)
-    o += [f"cp.async.cg.shared.global [%xd+{rows_per_piece * j * X_ROW_BYTES}], [%x{j}], 16;" for j in range(pieces)]
-    o += ["cp.async.commit_group;"]
+    if xbufs == 2:
+        o += copy_x("%xd", 0, None)
+    if unscatter:  # the tiles start zeroed; chunk c - 1's set holds no words yet
+        o += zero_tiles() + [f"mov.u32 {count}, 0;" for count in counts[depth]]
 
     def body(j: int) -> list[str]:
         """Chunk c, whose words are in sets[j]; chunk c + depth's go to the set chunk c - 1 used."""
         nxt = (j + depth) % (depth + 1)
-        b = load_chunk(sets[nxt], counts[nxt], depth) + next_end(depth + 1)
-        # zero this warp's buffer (its last reads, two chunks ago, are behind the previous barrier), then scatter
-        b += ["add.u32 %t, %zb, %buf;"] + [f"st.shared.v4.b32 [%t+{16 * i}], {{%z, %z, %z, %z}};" for i in range(8)]
-        b += ["bar.warp.sync 0xffffffff;", "add.u32 %t, %tb, %buf;"] + _scatter(sets[j], counts[j], "%t")
-        # every warp's scatter of chunk c and every copy of x chunk c are done; then x chunk c + 1 to the other
-        # x buffer (the barrier also ends every read of that buffer, by chunk c - 1's mma)
-        b += ["cp.async.wait_group 0;", "barrier.sync 0;", f"xor.b32 %t, %xbuf, {xtile};", "add.u32 %t, %t, %xd;",
-              "add.u32 %t2, %c, 1;", f"setp.lt.u32 %pl, %t2, {c1};"]
-        b += [f"@%pl cp.async.cg.shared.global [%t+{rows_per_piece * j * X_ROW_BYTES}], [%x{j}+256], 16;"
-              for j in range(pieces)]
-        b += [f"add.s64 %x{j}, %x{j}, 256;" for j in range(pieces)]
-        b += ["cp.async.commit_group;", "add.u32 %t, %sa, %buf;", "add.u32 %xl, %xs, %xbuf;"]
-        b += ldmatrix_mma_chunk("%t", "%xl", nt, ty)
-        b += [f"xor.b32 %xbuf, %xbuf, {xtile};", f"xor.b32 %buf, %buf, {TILE_BYTES};", "add.u32 %c, %c, 1;",
-              f"setp.ge.u32 %pe, %c, {c1};", "@%pe bra CMMA_END;"]
+        load = load_chunk(nxt, depth) + next_end(depth + 1)
+        if xbufs == 1:
+            # every warp is done reading x chunk c - 1 (and this warp its tiles); then x chunk c into the buffer
+            done = ["barrier.sync 0;"] + copy_x("%xd", 0, None)
+        else:
+            done = ["bar.warp.sync 0xffffffff;"]  # this warp's ldmatrix reads of its tiles (chunk c - 1) are done
+        if unscatter:  # zeros where chunk c - 1's words went, before their registers are reloaded
+            b = list(done)
+            for r in tiles:
+                b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[nxt][r], counts[nxt][r], "%t", "%z")
+            b += load
+        else:
+            b = load + done + zero_tiles()
+        b += ["bar.warp.sync 0xffffffff;"]  # the tiles are clear; scatter chunk c's words
+        for r in tiles:
+            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[j][r], counts[j][r], "%t")
+        # every warp's scatter of chunk c and every copy of x chunk c are done
+        b += ["cp.async.wait_group 0;", "barrier.sync 0;"]
+        if xbufs == 2:
+            # x chunk c + 1 to the other buffer (the barrier also ended every read of it, by chunk c - 1's mma)
+            b += [f"xor.b32 %t, %xbuf, {xtile};", "add.u32 %t, %t, %xd;", "add.u32 %t2, %c, 1;",
+                  f"setp.lt.u32 %pl, %t2, {c1};"] + copy_x("%t", 256, "%pl")
+        b += [f"add.s64 %xc, %xc, {2 * CSL_CHUNK};"]
+        b += ["add.u32 %xl, %xs, %xbuf;"] + ldmatrix_mma_chunk("%sa", "%xl", nt, ty, rt, TILE_BYTES)
+        if xbufs == 2:
+            b += [f"xor.b32 %xbuf, %xbuf, {xtile};"]
+        b += ["add.u32 %c, %c, 1;", f"setp.ge.u32 %pe, %c, {c1};", "@%pe bra CMMA_END;"]
         return b
 
     # depth + 1 chunks per loop iteration, so the word registers rotate instead of being copied
@@ -160,7 +217,7 @@ def cmma_ptx(warps: int, nt: int, dtype: str, max_groups: int, depth: int = 2) -
     return "\n".join(o)
 
 
-def cmma_constraints(nt: int) -> str:
-    """LLVM constraints: 4 * NT fp32 accumulators, tid; then items, seg_start, x (u64), first row, N, chunks, first
+def cmma_constraints(nt: int, rt: int = 1) -> str:
+    """LLVM constraints: 4 * NT * RT fp32 accumulators, tid; then items, seg_start, x (u64), first row, N, chunks, first
     chunk, end chunk, first token, M, x row stride, element index (u32)."""
-    return ",".join(["=f"] * (4 * nt) + ["=r"] + ["l"] * 3 + ["r"] * 9)
+    return ",".join(["=f"] * (4 * nt * rt) + ["=r"] + ["l"] * 3 + ["r"] * 9)

@@ -109,20 +109,27 @@ def load_words(w: list[str], off: str, pred: str, bp: str = "%bp", opp: str = "%
         f"@{pred} ld.global.nc.v4.b32 {{{', '.join(w)}}}, [{bp}];", f"@{pred} ld.global.nc.b32 {off}, [{opp}];"]
 
 
-def ldmatrix_mma_chunk(tile: str, x: str, nt: int, ty: str) -> list[str]:
-    """One 128-column chunk on the tensor cores: per pair of k-steps two ldmatrix.x4 of the weight tile (this lane's
-    address in `tile`, rows ROW_BYTES apart) into %a / %e, and per 8-token tile one ldmatrix.x4 of the x chunk (at
-    `x`, token rows ROW_BYTES apart) into %b and two mma.m16n8k16 accumulating into $4i .. $4i+3 (`ty`: f16 / bf16)."""
+def ldmatrix_mma_chunk(tile: str, x: str, nt: int, ty: str, rt: int = 1, tile_stride: int = 0) -> list[str]:
+    """One 128-column chunk on the tensor cores: per pair of k-steps and per weight tile r < `rt` (this lane's address
+    in `tile` + r `tile_stride`, rows ROW_BYTES apart) two ldmatrix.x4 into %a / %e, and per 8-token tile i one
+    ldmatrix.x4 of the x chunk (at `x`, token rows ROW_BYTES apart; loaded once for all rt tiles) and two
+    mma.m16n8k16 accumulating into $4 (NT r + i) .. + 3 (`ty`: f16 / bf16).  B fragments: %b0..3 when rt = 1, else
+    %b(4 i) .. %b(4 i + 3) (the caller declares %b<4 NT>)."""
     o = []
     for p in range(SMMA_CHUNK_K // 32):  # k-steps 2 p and 2 p + 1
-        o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%a0, %a1, %a2, %a3}}, [{tile}+{64 * p}];",
-              f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%e0, %e1, %e2, %e3}}, [{tile}+{64 * p + 32}];"]
-        for i in range(nt):
-            d = ", ".join(f"${4 * i + q}" for q in range(4))
-            mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}"
-            o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%b0, %b1, %b2, %b3}}, [{x}+{8 * i * ROW_BYTES + 64 * p}];",
-                  f"{mma}, {{%a0, %a1, %a2, %a3}}, {{%b0, %b1}}, {{{d}}};",
-                  f"{mma}, {{%e0, %e1, %e2, %e3}}, {{%b2, %b3}}, {{{d}}};"]
+        for r in range(rt):
+            a = r * tile_stride + 64 * p
+            o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%a0, %a1, %a2, %a3}}, [{tile}+{a}];",
+                  f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%e0, %e1, %e2, %e3}}, [{tile}+{a + 32}];"]
+            for i in range(nt):
+                b = [f"%b{q if rt == 1 else 4 * i + q}" for q in range(4)]
+                d = ", ".join(f"${4 * (nt * r + i) + q}" for q in range(4))
+                mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}"
+                if r == 0:
+                    o.append(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(b)}}}, "
+                             f"[{x}+{8 * i * ROW_BYTES + 64 * p}];")
+                o += [f"{mma}, {{%a0, %a1, %a2, %a3}}, {{{b[0]}, {b[1]}}}, {{{d}}};",
+                      f"{mma}, {{%e0, %e1, %e2, %e3}}, {{{b[2]}, {b[3]}}}, {{{d}}};"]
     return o
 
 

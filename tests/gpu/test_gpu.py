@@ -88,12 +88,12 @@ def test_cmma_every_config_on_odd_and_llama_shapes(dtype, sparsity):
         for m in (1, 8, 29, 64):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = torch.nn.functional.linear(x.float(), w.float(), bias.float())
-            for config in get_csl_mma_configs(m):
+            for config in get_csl_mma_configs(m, fmt.max_groups):
                 y = csl_mma(x, fmt, bias, config).float()
                 scale = ref.norm().clamp_min(1e-3)
                 assert ((y - ref).norm() / scale).item() < 1e-2, (n, k, m, config)
             residual = torch.randn(m, n, device="cuda", dtype=dtype)
-            y = csl_mma(x, fmt, bias, get_csl_mma_configs(m)[0], Epilogue("silu", False, residual)).float()
+            y = csl_mma(x, fmt, bias, get_csl_mma_configs(m, fmt.max_groups)[0], Epilogue("silu", False, residual)).float()
             expect = torch.nn.functional.silu(ref) + residual.float()
             assert ((y - expect).norm() / expect.norm()).item() < 1e-2
 
