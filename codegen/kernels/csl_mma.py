@@ -26,8 +26,8 @@ from flashllm_compile.codegen.kernels.smma_ptx import SMMA_TYPES
 
 CMMA_DEPTHS = (1,)  # TileConfig.num_stages: chunks between a chunk's word loads and its scatter (2 measured the
 # same on the H100, within 2%, with more registers)
-CMMA_MAX_M = 64  # decode sizes: the compile-time dispatch offers the format up to here (beyond, every 32 tokens
-# scatter the tile again and cuBLAS wins)
+CMMA_MAX_M = 64  # decode sizes: the compile-time dispatch offers the format up to here (beyond, every 64 tokens
+# scatter the tile again; at M = 64 cuBLAS already wins below ~90% sparsity)
 CMMA_MAX_GROUPS = 32  # word registers a lane may hold per chunk and weight tile it owns (x depth + 1): more would
 # spill (50% sparsity needs ~40, where the format moves as many bytes as dense anyway)
 CMMA_MAX_BLOCK_M = 64  # 8 tiles of 8 tokens share one scatter
