@@ -7,7 +7,7 @@
 The model, pruning and compilation are bench_e2e.py's (random weights, magnitude pruning, static cache, generate()
 compiling the decode step with mode="reduce-overhead" on both sides).  After the compile and a warm-up generate,
 one generate of --new-tokens tokens runs under torch.profiler; GPU kernel time is summed per category:
-  sparse     flashllm's Triton kernels (_bitmap_* and the split-K / epilogue kernel)
+  sparse     flashllm's Triton kernels (_bitmap_*, _csl_mma and the split-K / epilogue kernel)
   gemm       cuBLAS / CUTLASS GEMMs: inductor's linears, flashllm's dense picks and lm_head
   attention  scaled-dot-product attention kernels
   other      the rest: Inductor's fused pointwise kernels (norms, rotary, SwiGLU, residual adds), copies
@@ -35,7 +35,7 @@ CATEGORIES = ("sparse", "gemm", "attention", "other")
 
 def category(kernel_name: str) -> str:
     name = kernel_name.lower()
-    if "_bitmap_" in name or "fused_epilogue" in name or "_epilogue_kernel" in name:
+    if "_bitmap_" in name or "_csl_mma" in name or "fused_epilogue" in name or "_epilogue_kernel" in name:
         return "sparse"
     if any(key in name for key in ("flash", "fmha", "attention", "attn", "sdpa")):  # before gemm: fmha_cutlass*
         return "attention"

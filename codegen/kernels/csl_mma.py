@@ -28,14 +28,21 @@ CMMA_DEPTHS = (1,)  # TileConfig.num_stages: chunks between a chunk's word loads
 # same on the H100, within 2%, with more registers)
 CMMA_MAX_M = 64  # decode sizes: the compile-time dispatch offers the format up to here (beyond, every 64 tokens
 # scatter the tile again; at M = 64 cuBLAS already wins below ~90% sparsity)
-CMMA_MAX_GROUPS = 32  # word registers a lane may hold per chunk and weight tile it owns (x depth + 1): more would
-# spill (50% sparsity needs ~40, where the format moves as many bytes as dense anyway)
+CMMA_MAX_GROUPS = 32  # word registers a lane may hold per chunk and weight tile (x depth + 1): more would spill
+# (50% sparsity needs ~40, where the format moves as many bytes as dense anyway)
 CMMA_MAX_BLOCK_M = 64  # 8 tiles of 8 tokens share one scatter
 # (warps, weight tiles a warp) to tune; (1, 2), (1, 4), (2, 4) measured 7-25% slower than the best (H100, LLaMA-7B,
 # 70-90%, M = 1..64: benchmarks/RESULTS.md, ninth session)
 CMMA_SHAPES = ((2, 1), (4, 1), (2, 2), (4, 2))
 CMMA_UNSCATTER_MAX_GROUPS = 32  # up to this many words a lane per tile, tiles are cleared where the last chunk's
 # words went instead of zeroed whole (H100, LLaMA-7B, M = 8: 1.46 -> 1.60x cuBLAS at 80%, 1.63 -> 1.94x at 90%)
+
+
+def cmma_words_ok(rt: int, nt: int, max_groups: int) -> bool:
+    """Whether a warp owning `rt` tiles, with NT token tiles, can hold a weight's `max_groups` words a tile: at most
+    48 word registers a chunk over its tiles with up to 4 token tiles; with 8, 32 for one tile and 24 for two (the
+    accumulators take the rest; ptxas spills beyond: checked offline, tests/test_csl.py)."""
+    return max_groups <= CMMA_MAX_GROUPS and rt * max_groups <= (48 if nt <= 4 else 32 if rt == 1 else 24)
 
 
 @triton.jit
@@ -78,7 +85,7 @@ def cmma_default_config(m: int, max_groups: int) -> TileConfig:
     """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture): the H100 tuner's best on average
     over LLaMA-7B shapes at 80-90% (benchmarks/RESULTS.md, ninth session): 4 warps and split-K 4, each warp owning 2
     weight tiles up to M = 16 (where the weight's word registers allow), 1 beyond."""
-    rt = 2 if m <= 16 and 2 * max_groups <= CMMA_MAX_GROUPS else 1
+    rt = 2 if m <= 16 and cmma_words_ok(2, cmma_block_m(m) // 8, max_groups) else 1
     return TileConfig("cmma", CSL_ROWS * 4 * rt, cmma_block_m(m), 4, 4, CMMA_DEPTHS[0])
 
 
@@ -90,7 +97,7 @@ def get_csl_mma_configs(m: int, max_groups: int) -> list[TileConfig]:
     block_m = cmma_block_m(m)
     return [TileConfig("cmma", CSL_ROWS * warps * rt, block_m, split_k, warps, depth) for warps, rt in CMMA_SHAPES
             for split_k in (1, 2, 4, 8) for depth in CMMA_DEPTHS
-            if cmma_config_ok(warps, rt, block_m // 8) and rt * max_groups <= CMMA_MAX_GROUPS]
+            if cmma_config_ok(warps, rt, block_m // 8) and cmma_words_ok(rt, block_m // 8, max_groups)]
 
 
 def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: TileConfig,
@@ -105,9 +112,9 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
     if fmt.max_groups > CMMA_MAX_GROUPS:
         raise ValueError(f"cmma holds at most {CMMA_MAX_GROUPS} words a lane per chunk; this weight needs "
                          f"{fmt.max_groups} (too dense for the Tiled-CSL format)")
-    if rt * fmt.max_groups > CMMA_MAX_GROUPS:
-        raise ValueError(f"{config.short()} owns {rt} weight tiles a warp: at most {CMMA_MAX_GROUPS // rt} words a "
-                         f"lane per chunk and tile, this weight needs {fmt.max_groups}")
+    if not cmma_words_ok(rt, nt, fmt.max_groups):
+        raise ValueError(f"{config.short()} owns {rt} weight tiles a warp: too few word registers for this weight's "
+                         f"{fmt.max_groups} words a lane per chunk and tile")
     x = _whole_chunks(x, fmt)  # [M, C * 128], 16-byte aligned
     m = x.shape[0]
     out, per_split, split_k = split_k_output(x, fmt, config, epilogue)
