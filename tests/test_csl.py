@@ -121,7 +121,7 @@ def test_bank_aware_order_cuts_the_scatter_wavefronts(sparsity, bound):
     (2, 1, 8, "float16", False, 2, 16, False), (4, 1, 16, "bfloat16", True, 1, 16, False),
     (2, 2, 32, "float16", True, 1, 16, False), (4, 1, 64, "float16", False, 1, 24, False),
     (4, 2, 8, "bfloat16", True, 1, 12, True), (2, 2, 64, "float16", False, 1, 12, True),
-    (4, 2, 32, "float16", False, 1, 24, True), (2, 1, 64, "bfloat16", False, 1, 32, True)])
+    (4, 2, 32, "float16", False, 1, 16, True), (2, 1, 64, "bfloat16", False, 1, 32, True)])
 def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_groups, unscatter, tmp_path):
     from ptx_program import assert_one_element_per_thread, compile_cmma
 
@@ -170,8 +170,10 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     assert fmt.max_groups == 16  # ~410 nonzeros a [16, 128] tile at 80%: 13-14 groups of 32 words, rounded up
     with pytest.raises(ValueError, match="weight tiles a warp"):  # 1 warp owning 4 tiles: 4 x 16 word registers
         csl_mma.csl_mma(x, fmt, None, TileConfig("cmma", 64, 8, 1, 1, 1))
-    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(8, 24)} == {1, 2}  # 48 word registers
+    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(8, 16)} == {1, 2}  # 32 word registers
+    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(8, 24)} == {1}
     assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(64, 16)} == {1}  # 24 next to 8 token tiles
+    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(64, 12)} == {1, 2}
     dense_fmt = CslWeight.from_dense(pruned(32, 256, 0.0))
     with pytest.raises(ValueError, match="too dense"):
         csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2, 16))

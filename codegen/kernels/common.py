@@ -29,9 +29,11 @@ class TileConfig(NamedTuple):
     segments: int = 1  # rowwalk: lanes per row in a program, each walking one equal share of the row
 
     def short(self) -> str:
-        seg = f",seg={self.segments}" if self.family == "rowwalk" else ""
+        extra = f",seg={self.segments}" if self.family == "rowwalk" else ""
+        if self.family == "cmma":  # 16-row weight tiles a warp owns (csl_mma.cmma_row_tiles)
+            extra = f",rt={max(1, self.block_n // (16 * self.num_warps))}"
         return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
-                f"s={self.num_stages}{seg}]")
+                f"s={self.num_stages}{extra}]")
 
 
 def interpreting() -> bool:

@@ -39,10 +39,11 @@ CMMA_UNSCATTER_MAX_GROUPS = 32  # up to this many words a lane per tile, tiles a
 
 
 def cmma_words_ok(rt: int, nt: int, max_groups: int) -> bool:
-    """Whether a warp owning `rt` tiles, with NT token tiles, can hold a weight's `max_groups` words a tile: at most
-    48 word registers a chunk over its tiles with up to 4 token tiles; with 8, 32 for one tile and 24 for two (the
-    accumulators take the rest; ptxas spills beyond: checked offline, tests/test_csl.py)."""
-    return max_groups <= CMMA_MAX_GROUPS and rt * max_groups <= (48 if nt <= 4 else 32 if rt == 1 else 24)
+    """Whether a warp owning `rt` tiles, with NT token tiles, holds a weight's `max_groups` words a tile: at most 32
+    word registers a chunk over its tiles, 24 for two tiles next to 8 token tiles (ptxas spills beyond, with the
+    in-kernel epilogue: checked offline, tests/test_csl.py).  Two tiles of a 70% weight (48 words) compile without
+    spills but measured no faster (H100, benchmarks/RESULTS.md idea 22), so they are not offered."""
+    return max_groups <= CMMA_MAX_GROUPS and rt * max_groups <= (24 if nt > 4 and rt > 1 else 32)
 
 
 @triton.jit
