@@ -225,7 +225,7 @@ def kernel_source(family: str) -> str:
         parts += ["# inline PTX of the program on the GPU (codegen/kernels/fmma_ptx.py, 2 warps, BLOCK_M=16, fp16)",
                   "\n".join("# " + line for line in fmma_ptx.fmma_ptx(2, 2, "float16").splitlines())]
     if family == "cmma":
-        ptx = cmma_ptx.cmma_ptx(2, 2, 2, "float16", 16, unscatter=True)
+        ptx = cmma_ptx.cmma_ptx(2, 2, 2, "float16", 16)
         parts += [("# inline PTX of the program on the GPU (codegen/kernels/cmma_ptx.py, 2 warps of 2 weight tiles, "
                    "BLOCK_M=16, fp16)"),
                   "\n".join("# " + line for line in ptx.splitlines())]

@@ -5,8 +5,9 @@ Flash-LLM's "load as sparse, compute as dense" with a decode that costs per nonz
 16-row tiles of the weight and, per 128-column chunk c,
   load      its segments' words (one 32-bit word a nonzero, `offset << 16 | value`) for chunk c + depth into
             registers, one coalesced 128-byte load per group of 32 (issued `depth` chunks before they are used);
-  clear     its [16, 128] tile buffers: 8 16-byte stores a lane and tile, or (`unscatter`, sparse weights) a zero
-            stored where chunk c - 1's words went, while those words are still in registers;
+  clear     its [16, 128] tile buffers: a zero stored where chunk c - 1's words went, while those words are still
+            in registers (zeroing whole tiles, 8 16-byte stores a lane that conflict two ways, measured 10-20%
+            slower from 80% sparsity: RESULTS.md idea 23; they are zeroed whole once, before the first chunk);
   scatter   chunk c's words: shift, add, 16-bit store (the format orders them so that a group's 32 stores mostly
             hit distinct banks);
   mma       per pair of k-steps and per 8-token tile one ldmatrix.x4 of the x chunk staged in shared memory (once
@@ -72,13 +73,12 @@ def _scatter(regs: list[str], count: str, tile: str, value: str | None = None) -
 
 
 @functools.cache
-def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1, unscatter: bool = False) -> str:
+def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1) -> str:
     """PTX of one program: `warps` warps owning `rt` consecutive 16-row weight tiles each, NT 8-token tiles, a torch
     dtype name in SMMA_TYPES, at most `max_groups` groups of 32 words per segment (registers per lane and tile for
     one chunk), and the words of chunk c + `depth` loaded while chunk c is computed.  Operands (cmma_constraints):
     items, seg_start, x (u64), first row, N, chunks C, first chunk, end chunk, first token, M, x row stride, element
-    index (unused).  `unscatter`: clear a tile by storing zeros where the previous chunk's words went instead of
-    zeroing all of it (fewer shared-memory wavefronts when a tile has few nonzeros)."""
+    index (unused)."""
     if not cmma_config_ok(warps, rt, nt) or depth < 1:
         raise ValueError(f"no cmma program for {warps} warps, {rt} row tiles, {nt} token tiles, depth {depth}")
     ty = SMMA_TYPES[dtype]
@@ -176,8 +176,8 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     o += next_end(depth)
     if xbufs == 2:
         o += copy_x("%xd", 0, None)
-    if unscatter:  # the tiles start zeroed; chunk c - 1's set holds no words yet
-        o += zero_tiles() + [f"mov.u32 {count}, 0;" for count in counts[depth]]
+    # the tiles start zeroed; the set of chunk c0 - 1 holds no words
+    o += zero_tiles() + [f"mov.u32 {count}, 0;" for count in counts[depth]]
 
     def body(j: int) -> list[str]:
         """Chunk c, whose words are in sets[j]; chunk c + depth's go to the set chunk c - 1 used."""
@@ -188,13 +188,11 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
             done = ["barrier.sync 0;"] + copy_x("%xd", 0, None)
         else:
             done = ["bar.warp.sync 0xffffffff;"]  # this warp's ldmatrix reads of its tiles (chunk c - 1) are done
-        if unscatter:  # zeros where chunk c - 1's words went, before their registers are reloaded
-            b = list(done)
-            for r in tiles:
-                b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[nxt][r], counts[nxt][r], "%t", "%z")
-            b += load
-        else:
-            b = load + done + zero_tiles()
+        # zeros where chunk c - 1's words went, before their registers are reloaded
+        b = list(done)
+        for r in tiles:
+            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[nxt][r], counts[nxt][r], "%t", "%z")
+        b += load
         b += ["bar.warp.sync 0xffffffff;"]  # the tiles are clear; scatter chunk c's words
         for r in tiles:
             b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[j][r], counts[j][r], "%t")

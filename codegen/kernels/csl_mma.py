@@ -34,8 +34,6 @@ CMMA_MAX_BLOCK_M = 64  # 8 tiles of 8 tokens share one scatter
 # (warps, weight tiles a warp) to tune; (1, 2), (1, 4), (2, 4) measured 7-25% slower than the best (H100, LLaMA-7B,
 # 70-90%, M = 1..64: benchmarks/RESULTS.md, ninth session)
 CMMA_SHAPES = ((2, 1), (4, 1), (2, 2), (4, 2))
-CMMA_UNSCATTER_MAX_GROUPS = 32  # up to this many words a lane per tile, tiles are cleared where the last chunk's
-# words went instead of zeroed whole (H100, LLaMA-7B, M = 8: 1.46 -> 1.60x cuBLAS at 80%, 1.63 -> 1.94x at 90%)
 
 
 def cmma_words_ok(rt: int, nt: int, max_groups: int) -> bool:
@@ -130,7 +128,7 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
         HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, RT=rt,
         ASM=cmma_ptx(config.num_warps, rt, nt, str(x.dtype).removeprefix("torch."), fmt.max_groups,
-                     config.num_stages, fmt.max_groups <= CMMA_UNSCATTER_MAX_GROUPS),
+                     config.num_stages),
         CONSTRAINTS=cmma_constraints(nt, rt), num_warps=config.num_warps, num_stages=1,
     )
     return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
