@@ -168,10 +168,10 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     assert fmt.max_groups == 16  # ~410 nonzeros a [16, 128] tile at 80%: 13-14 groups of 32 words, rounded up
     with pytest.raises(ValueError, match="weight tiles a warp"):  # 1 warp owning 4 tiles: 4 x 16 word registers
         csl_mma.csl_mma(x, fmt, None, TileConfig("cmma", 64, 8, 1, 1, 1))
-    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(8, 16)} == {1, 2}  # 32 word registers
-    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(8, 24)} == {1}
-    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(64, 16)} == {1}  # 24 next to 8 token tiles
-    assert {csl_mma.cmma_row_tiles(c) for c in csl_mma.get_csl_mma_configs(64, 12)} == {1, 2}
+    assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(8, 16)} == {1, 2}  # 32 word registers
+    assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(8, 24)} == {1}
+    assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(64, 16)} == {1}  # 24 next to 8 token tiles
+    assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(64, 12)} == {1, 2}
     dense_fmt = CslWeight.from_dense(pruned(32, 256, 0.0))
     with pytest.raises(ValueError, match="too dense"):
         csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2, 16))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from flashllm_compile.codegen.autotune import GPU_ONLY_FAMILIES, LAUNCHERS, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.csl import CslWeight
-from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_GROUPS, cmma_row_tiles, cmma_words_ok
+from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_GROUPS, cmma_words_ok
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, settings
@@ -124,7 +124,7 @@ def run_case(case: dict, device: str = DEVICE) -> None:
             with pytest.raises(ValueError, match="too dense"):
                 LAUNCHERS[config.family](x, fmt, b, config)
             return
-        if not cmma_words_ok(cmma_row_tiles(config), config.block_m // 8, fmt.max_groups):  # too few registers
+        if not cmma_words_ok(config.row_tiles(), config.block_m // 8, fmt.max_groups):  # too few registers
             with pytest.raises(ValueError, match="weight tiles a warp"):
                 LAUNCHERS[config.family](x, fmt, b, config)
             return

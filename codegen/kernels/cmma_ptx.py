@@ -35,15 +35,20 @@ ROW_TILES = (1, 2, 4)  # weight tiles a warp may own
 MAX_PIECES = 16  # 16-byte pieces of an x chunk a thread copies (a 32-bit source offset each)
 
 
+def _smem_bytes(warps: int, rt: int, nt: int, x_buffers: int) -> int:
+    """One tile buffer per weight tile of every warp, and `x_buffers` x chunk buffers [8 NT, 128]."""
+    return warps * rt * TILE_BYTES + x_buffers * 8 * nt * X_ROW_BYTES
+
+
 def cmma_x_buffers(warps: int, rt: int, nt: int) -> int:
     """x chunk buffers: two (x chunk c + 1 copied while chunk c is computed, one barrier a chunk) where shared memory
     allows, else one (two barriers a chunk)."""
-    return 2 if warps * rt * TILE_BYTES + 2 * 8 * nt * X_ROW_BYTES <= STATIC_SMEM_MAX else 1
+    return 2 if _smem_bytes(warps, rt, nt, 2) <= STATIC_SMEM_MAX else 1
 
 
 def cmma_smem_bytes(warps: int, rt: int, nt: int) -> int:
-    """One tile buffer per weight tile of every warp, and the x chunk buffers [8 NT, 128]."""
-    return warps * rt * TILE_BYTES + cmma_x_buffers(warps, rt, nt) * 8 * nt * X_ROW_BYTES
+    """Static shared memory of one program."""
+    return _smem_bytes(warps, rt, nt, cmma_x_buffers(warps, rt, nt))
 
 
 def cmma_config_ok(warps: int, rt: int, nt: int) -> bool:

@@ -28,10 +28,14 @@ class TileConfig(NamedTuple):
     num_stages: int
     segments: int = 1  # rowwalk: lanes per row in a program, each walking one equal share of the row
 
+    def row_tiles(self) -> int:
+        """cmma: the 16-row weight tiles each warp of a program owns (BLOCK_N = 16 x warps x tiles)."""
+        return max(1, self.block_n // (16 * self.num_warps))
+
     def short(self) -> str:
         extra = f",seg={self.segments}" if self.family == "rowwalk" else ""
-        if self.family == "cmma":  # 16-row weight tiles a warp owns (csl_mma.cmma_row_tiles)
-            extra = f",rt={max(1, self.block_n // (16 * self.num_warps))}"
+        if self.family == "cmma":
+            extra = f",rt={self.row_tiles()}"
         return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
                 f"s={self.num_stages}{extra}]")
 

@@ -75,11 +75,6 @@ def cmma_block_m(m: int) -> int:
     return min(CMMA_MAX_BLOCK_M, max(8, next_power_of_2(m)))
 
 
-def cmma_row_tiles(config: TileConfig) -> int:
-    """16-row weight tiles each warp of a cmma program owns."""
-    return max(1, config.block_n // (CSL_ROWS * config.num_warps))
-
-
 def cmma_default_config(m: int, max_groups: int) -> TileConfig:
     """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture): the H100 tuner's best on average
     over LLaMA-7B shapes at 80-90% (benchmarks/RESULTS.md, ninth session): 4 warps and split-K 4, each warp owning 2
@@ -105,7 +100,7 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
     if not (x.is_cuda and not interpreting() and str(x.dtype).removeprefix("torch.") in SMMA_TYPES):
         raise RuntimeError(f"the cmma kernel needs a CUDA fp16/bf16 x, got {x.device} {x.dtype}")
     check_launch(x, fmt, bias)
-    nt, rt = config.block_m // 8, cmma_row_tiles(config)
+    nt, rt = config.block_m // 8, config.row_tiles()
     if config.block_n != CSL_ROWS * config.num_warps * rt or not cmma_config_ok(config.num_warps, rt, nt):
         raise ValueError(f"not a cmma config: {config.short()}")
     if fmt.max_groups > CMMA_MAX_GROUPS:
