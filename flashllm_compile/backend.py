@@ -1,4 +1,5 @@
-"""The TorchDynamo backend `flashllm`: rewrite sparse linears, fold their epilogues, hand the graph to Inductor.
+"""The TorchDynamo backend `flashllm`: rewrite sparse linears, fold their epilogues, hand the graph to Inductor
+(whose generated code calls the ops' twin without an autograd layer: passes/nograd_ops.py).
 
 Registered through the `torch_dynamo_backends` entry point (pyproject.toml), so
 `torch.compile(model, backend="flashllm")` works without importing this package, and importing it does not
@@ -13,6 +14,7 @@ from torch import fx
 
 from flashllm_compile.options import FlashLLMOptions
 from flashllm_compile.passes.fuse_epilogues import fuse_epilogues
+from flashllm_compile.passes.nograd_ops import UseNogradOps
 from flashllm_compile.passes.rewrite_sparse_linear import rewrite_sparse_linears
 from flashllm_compile.report import note_epilogues, record_decisions
 
@@ -64,5 +66,6 @@ def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str
     if opts.fuse_epilogues:  # also the ops a sparsify_'d model calls itself
         note_epilogues(decisions, fuse_epilogues(gm))
     mode = mode or opts.mode
-    config_patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_config}
+    config_patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": UseNogradOps(),
+                      **opts.inductor_config}  # a user's own post-grad pass replaces ours (the op then keeps its wrappers)
     return compile_fx(gm, example_inputs, config_patches=config_patches)

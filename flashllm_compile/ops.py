@@ -60,11 +60,13 @@ def _check_weight_unchanged(weight_token: int, name: str, dense_weight: torch.Te
 
 
 # The schema is spelled out for `weights` (an optional tensor list, which the annotation-based inference rejects).
-@torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=(
-    "(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor? bias, Tensor? dense_weight, SymInt n, SymInt k, "
-    "SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None, str? runtime=None, "
-    "str? epilogue=None, Tensor? residual=None, Tensor? in_cols=None, Tensor? out_rows=None, str? layout=None) -> Tensor"))
-def sparse_linear(
+SCHEMA = ("(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, Tensor? bias, Tensor? dense_weight, SymInt n, "
+          "SymInt k, SymInt chunk_k, str kernel, str name, SymInt weight_token, Tensor[]? weights=None, "
+          "str? runtime=None, str? epilogue=None, Tensor? residual=None, Tensor? in_cols=None, Tensor? out_rows=None, "
+          "str? layout=None) -> Tensor")
+
+
+def _sparse_linear(
     x: torch.Tensor,
     bitmap: torch.Tensor,
     offsets: torch.Tensor,
@@ -157,6 +159,29 @@ def sparse_linear(
     return out.reshape(*x.shape[:-1], n_out)
 
 
+sparse_linear = torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=SCHEMA)(_sparse_linear)
+
+
+def _sparse_linear_nograd(x, bitmap, offsets, values, bias, dense_weight, *args):
+    """`sparse_linear` without an autograd layer, for the code Inductor generates (passes/nograd_ops.py): after
+    AOTAutograd no op needs one.  custom_op's autograd and backend wrappers cost ~50 us of host time a call on the
+    H100 machine, paid by every CUDA-graph recording (benchmarks/RESULTS.md, tenth session).  Called with grad mode
+    on and an input requiring grad, it raises instead of dropping the gradient."""
+    if torch.is_grad_enabled():
+        weights, residual = args[6] if len(args) > 6 else None, args[9] if len(args) > 9 else None
+        tensors = [x, bias, dense_weight, residual, *(weights or ())]
+        if any(t is not None and t.requires_grad for t in tensors):
+            raise RuntimeError(f"flashllm '{args[4]}': sparse_linear_nograd has no backward; call "
+                               "torch.ops.flashllm.sparse_linear where a gradient may flow")
+    return _sparse_linear(x, bitmap, offsets, values, bias, dense_weight, *args)
+
+
+_LIB = torch.library.Library("flashllm", "FRAGMENT")  # the low-level API: custom_op always adds its wrappers
+_LIB.define("sparse_linear_nograd" + SCHEMA)
+_LIB.impl("sparse_linear_nograd", _sparse_linear_nograd, "CompositeExplicitAutograd")
+_LIB.impl("sparse_linear_nograd", torch.library.fallthrough_kernel, "Autograd")  # no autograd layer, no Python there
+
+
 def weight_format(layout: str | None, t0: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, n: int, k: int,
                   param: int) -> BitmapWeight | CslWeight:
     """The compressed weight an op call carries: its three tensor operands and its integer format argument."""
@@ -213,12 +238,15 @@ def _dense_epilogue(y: torch.Tensor, bias: torch.Tensor | None, epi: Epilogue) -
 
 
 @sparse_linear.register_fake
-def _(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None,
+def _fake(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None,
       runtime=None, epilogue=None, residual=None, in_cols=None, out_rows=None, layout=None):
     if in_cols is None:
         torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
     _, glu = parse_epilogue(epilogue)
     return x.new_empty((*x.shape[:-1], n // 2 if glu else n))
+
+
+torch.library.register_fake("flashllm::sparse_linear_nograd")(_fake)
 
 
 def _setup_context(ctx, inputs, output) -> None:

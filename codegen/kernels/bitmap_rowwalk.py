@@ -37,6 +37,7 @@ from flashllm_compile.codegen.kernels.common import (
     split_k_output,
 )
 from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
+from flashllm_compile.codegen.kernels.launch import launch
 from flashllm_compile.codegen.kernels.rowwalk_ptx import PTX_TYPES, rowwalk_constraints, rowwalk_ptx
 
 ROWWALK_MAX_M = 8
@@ -234,10 +235,11 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
     asm = rowwalk_ptx(config.block_m, dtype, smem_bytes) if use_ptx else ""
     grid = (cdiv(fmt.n, config.block_n), split_k)
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
-    _bitmap_rowwalk_kernel[grid](
-        xt, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,
-        residual if residual is not None else x, out,
-        m, fmt.n, fmt.bitmap.shape[1], fmt.n, m * fmt.n, fmt.num_chunks, x_bytes,
+    launch(
+        _bitmap_rowwalk_kernel, grid,
+        (xt, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,
+         residual if residual is not None else x, out,
+         m, fmt.n, fmt.bitmap.shape[1], fmt.n, m * fmt.n, fmt.num_chunks, x_bytes),
         HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None, CHUNK_K=fmt.chunk_k,
         CHUNK_STEPS=max(1, (fmt.num_chunks - 1).bit_length()), BLOCK_N=config.block_n, BLOCK_M=config.block_m,
         SEGMENTS=config.segments, HW_POPC=not interpreting(),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -12,6 +11,7 @@ from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.epilogue import fused_epilogue
 from flashllm_compile.codegen.kernels.host_math import cdiv
+from flashllm_compile.codegen.kernels.launch import interpreting, launch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CompressedWeight = BitmapWeight | CslWeight  # the formats a kernel family runs on (one each)
@@ -38,10 +38,6 @@ class TileConfig(NamedTuple):
             extra = f",rt={self.row_tiles()}"
         return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
                 f"s={self.num_stages}{extra}]")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_launch(x: torch.Tensor, fmt: CompressedWeight, bias: torch.Tensor | None) -> None:
@@ -93,10 +89,11 @@ def launch_bitmap_kernel(kernel, x: torch.Tensor, fmt: BitmapWeight, bias: torch
         return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
     grid = (cdiv(fmt.n, config.block_n), split_k, grid_m)
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
-    kernel[grid](
-        x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,
-        residual if residual is not None else x, out,
-        m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks,
+    launch(
+        kernel, grid,
+        (x, fmt.bitmap, fmt.offsets, fmt.values, bias if bias is not None else x,
+         residual if residual is not None else x, out,
+         m, fmt.n, fmt.k, x.stride(0), fmt.n, m * fmt.n, chunks_per_split, fmt.num_chunks),
         HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None, CHUNK_K=fmt.chunk_k,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, HW_POPC=not interpreting(),
         num_warps=config.num_warps, num_stages=config.num_stages, **meta,

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.kernels.host_math import cdiv
+from flashllm_compile.codegen.kernels.launch import launch
 
 SMALL_OUTPUT = 1 << 16  # outputs up to this many elements get smaller blocks: more programs for a decode step
 
@@ -95,9 +96,10 @@ def fused_epilogue(partials: torch.Tensor, bias: torch.Tensor | None, epilogue: 
     bias = bias.contiguous() if bias is not None else None
     residual = residual.contiguous() if residual is not None else None
     block, num_warps = get_epilogue_config(out.numel())
-    _epilogue_kernel[(cdiv(out.numel(), block),)](
-        partials, bias if bias is not None else partials, residual if residual is not None else partials, out,
-        s, m, n_out, partials.stride(0), partials.stride(1),
+    launch(
+        _epilogue_kernel, (cdiv(out.numel(), block),),
+        (partials, bias if bias is not None else partials, residual if residual is not None else partials, out,
+         s, m, n_out, partials.stride(0), partials.stride(1)),
         ACT=epilogue.act_code, GLU=epilogue.glu, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         BLOCK=block, num_warps=num_warps,
     )

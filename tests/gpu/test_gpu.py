@@ -122,3 +122,24 @@ def test_compiled_static_decode_step_dispatches_formats():
     assert layouts and set(layouts) <= {"bitmap", "csl"}
     assert counters["flashllm"]["csl"] == layouts.count("csl")
     print("formats chosen at M = 8, 90%:", layouts, "dense:", counters["flashllm"]["skip_dense_faster"])
+
+
+def test_direct_launch_matches_jit_and_keys_on_alignment():
+    """codegen/kernels/launch.py: the second launch of a specialisation skips the JIT; it must equal the JIT's result,
+    and an x that is not 16-byte aligned (Triton specialises on that) must get its own compiled kernel."""
+    from flashllm_compile.codegen.kernels import launch as launch_mod
+    from flashllm_compile.codegen.kernels.epilogue import fused_epilogue
+
+    torch.manual_seed(0)
+    bias = torch.randn(4096, device="cuda", dtype=torch.float16)
+    buf = torch.randn(2 * 8 * 4096 + 1, device="cuda")
+    launch_mod._COMPILED.clear()
+    outs = []
+    for offset in (0, 0, 1, 1):  # aligned twice, then fp32 partials starting 4 bytes in (not 16-byte aligned)
+        partials = buf[offset:offset + 2 * 8 * 4096].view(2, 8, 4096)
+        out = fused_epilogue(partials, bias, None, torch.float16)
+        ref = (partials.sum(0) + bias.float()).half()
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+    assert len(launch_mod._COMPILED) == 2  # one entry per alignment
