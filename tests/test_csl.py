@@ -100,7 +100,7 @@ def wavefronts(groups: list[list[int]]) -> float:
     return sum(worst) / len(worst)
 
 
-@pytest.mark.parametrize("sparsity, bound", [(0.8, 2.2), (0.9, 2.4)])
+@pytest.mark.parametrize("sparsity, bound", [(0.7, 1.5), (0.8, 1.7), (0.9, 2.1)])
 def test_bank_aware_order_cuts_the_scatter_wavefronts(sparsity, bound):
     w = pruned(64, 512, sparsity)
     fmt = CslWeight.from_dense(w)
@@ -114,7 +114,7 @@ def test_bank_aware_order_cuts_the_scatter_wavefronts(sparsity, bound):
             seg = (rows * TILE_ROW_BYTES + 2 * cols).tolist()
             naive += [seg[i:i + LANES] for i in range(0, len(seg), LANES)]
     assert ordered <= bound and ordered < wavefronts(naive) - 0.3, (ordered, wavefronts(naive))
-    assert fmt.bank_conflicts() >= ordered - 1e-6  # the report's figure counts halves of one word twice: an upper bound
+    assert fmt.bank_conflicts() == pytest.approx(ordered)
 
 
 @pytest.mark.parametrize("warps, rt, block_m, dtype, partials, depth, max_groups", [
