@@ -22,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import gpu_info
 
+import flashllm_compile.ops  # noqa: F401 -- registers torch.ops.flashllm
 from flashllm_compile.codegen.formats.cache import watch_weight
 from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.csl_mma import cmma_default_config, csl_mma
