@@ -66,6 +66,7 @@ def flashllm_backend(gm: fx.GraphModule, example_inputs: list[Any], *, mode: str
     if opts.fuse_epilogues:  # also the ops a sparsify_'d model calls itself
         note_epilogues(decisions, fuse_epilogues(gm))
     mode = mode or opts.mode
+    # a user's own post-grad pass (options["inductor_config"]) replaces ours: the op then keeps its wrappers
     config_patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": UseNogradOps(),
-                      **opts.inductor_config}  # a user's own post-grad pass replaces ours (the op then keeps its wrappers)
+                      **opts.inductor_config}
     return compile_fx(gm, example_inputs, config_patches=config_patches)

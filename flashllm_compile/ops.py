@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import json
 
 import torch
@@ -162,18 +163,22 @@ def _sparse_linear(
 sparse_linear = torch.library.custom_op("flashllm::sparse_linear", mutates_args=(), schema=SCHEMA)(_sparse_linear)
 
 
-def _sparse_linear_nograd(x, bitmap, offsets, values, bias, dense_weight, *args):
+_PARAMETERS = inspect.signature(_sparse_linear)
+
+
+def _sparse_linear_nograd(*args, **kwargs):
     """`sparse_linear` without an autograd layer, for the code Inductor generates (passes/nograd_ops.py): after
     AOTAutograd no op needs one.  custom_op's autograd and backend wrappers cost ~50 us of host time a call on the
     H100 machine, paid by every CUDA-graph recording (benchmarks/RESULTS.md, tenth session).  Called with grad mode
     on and an input requiring grad, it raises instead of dropping the gradient."""
-    if torch.is_grad_enabled():
-        weights, residual = args[6] if len(args) > 6 else None, args[9] if len(args) > 9 else None
-        tensors = [x, bias, dense_weight, residual, *(weights or ())]
+    if torch.is_grad_enabled():  # not in Inductor's code (it runs without grad): name the operands, check them
+        call = _PARAMETERS.bind(*args, **kwargs).arguments
+        tensors = [call.get(name) for name in ("x", "bias", "dense_weight", "residual")]
+        tensors += call.get("weights") or []
         if any(t is not None and t.requires_grad for t in tensors):
-            raise RuntimeError(f"flashllm '{args[4]}': sparse_linear_nograd has no backward; call "
+            raise RuntimeError(f"flashllm '{call['name']}': sparse_linear_nograd has no backward; call "
                                "torch.ops.flashllm.sparse_linear where a gradient may flow")
-    return _sparse_linear(x, bitmap, offsets, values, bias, dense_weight, *args)
+    return _sparse_linear(*args, **kwargs)
 
 
 _LIB = torch.library.Library("flashllm", "FRAGMENT")  # the low-level API: custom_op always adds its wrappers
@@ -239,7 +244,7 @@ def _dense_epilogue(y: torch.Tensor, bias: torch.Tensor | None, epi: Epilogue) -
 
 @sparse_linear.register_fake
 def _fake(x, bitmap, offsets, values, bias, dense_weight, n, k, chunk_k, kernel, name, weight_token, weights=None,
-      runtime=None, epilogue=None, residual=None, in_cols=None, out_rows=None, layout=None):
+          runtime=None, epilogue=None, residual=None, in_cols=None, out_rows=None, layout=None):
     if in_cols is None:
         torch._check(x.shape[-1] == k, lambda: f"flashllm '{name}': input has {x.shape[-1]} features, expected {k}")
     _, glu = parse_epilogue(epilogue)

@@ -2,14 +2,15 @@
 
 Why: under `mode="reduce-overhead"` a decode graph is recorded again for every new KV cache, and a recording runs
 each op's Python once, so host time per launch is paid per generate (benchmarks/RESULTS.md, tenth session).  The
-JIT launch path costs ~29 us of host time a call on the H100 machine (argument binding, cache key, options); the
-compiled kernel's own launcher ~9 us.
+JIT launch path costs ~30 us of host time a call on the H100 machine (argument binding, cache key, options); the
+compiled kernel's own launcher ~10 us.
 
 How: the first launch of a specialisation goes through the JIT (which compiles or finds the kernel) and returns the
 `CompiledKernel`; later launches with the same key call its launcher directly.  The key is finer than Triton's own
 specialisation, so a cached kernel is always the one the JIT would pick: integers by value (Triton specialises on
 == 1 and % 16), tensors by dtype and 16-byte alignment (the NVIDIA backend's only pointer specialisation), every
-constexpr by value, plus num_warps, num_stages and the device.
+constexpr by name and value, plus num_warps, num_stages and the device.  Knobs read by the JIT at launch time (e.g.
+TRITON_DEBUG) are taken from a specialisation's first launch.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, *, num_warps: int = 4, nu
     """`kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)`.
 
     args: the runtime arguments in signature order (tensors and ints); constexprs: every remaining parameter by
-    name; num_warps / num_stages default to Triton's own defaults.  The interpreter (TRITON_INTERPRET=1) always takes the JIT path."""
+    name; num_warps / num_stages default to Triton's own defaults.  The interpreter (TRITON_INTERPRET=1) always
+    takes the JIT path."""
     if interpreting():
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
@@ -69,5 +71,5 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, *, num_warps: int = 4, nu
 
 
 def _hooked(hook) -> bool:
-    """Whether a launch hook knob holds anything: None, or a HookChain (triton >= 3.4) with an empty call list."""
+    """Whether a launch hook knob holds a hook: False for None and for an empty HookChain (triton >= 3.4)."""
     return bool(getattr(hook, "calls", hook))
