@@ -11,7 +11,6 @@ bench_host.csv under --out and prints the table last.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import gpu_info
+from timing import gpu_info, write_csv
 
 import flashllm_compile.ops  # noqa: F401 -- registers torch.ops.flashllm
 from flashllm_compile.codegen.formats.cache import watch_weight
@@ -84,12 +83,8 @@ def main() -> None:
     info = gpu_info()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_host.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["gpu", "torch", "triton", "n", "k", "m", "sparsity", "case", "host_us"])
-        for name, us in rows.items():
-            writer.writerow([info["gpu"], info["torch"], info["triton"], args.n, args.k, args.m, args.sparsity, name,
-                             f"{us:.1f}"])
+    write_csv([{**info, "n": args.n, "k": args.k, "m": args.m, "sparsity": args.sparsity, "case": name,
+                "host_us": f"{us:.1f}"} for name, us in rows.items()], path)
     print(f"wrote {path}\n{info['gpu']}, torch {info['torch']}, triton {info['triton']}; {args.n} x {args.k} at "
           f"{args.sparsity:.0%}, M = {args.m}: host us per call")
     for name, us in rows.items():

@@ -16,7 +16,6 @@ Writes bench_kernels.csv and bench_kernels.png under --out and prints a table (g
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import ROTATIONS, gpu_info, graph_time_us
+from timing import ROTATIONS, gpu_info, graph_time_us, write_csv
 
 from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
@@ -112,14 +111,6 @@ def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
     del weights, fmts
     torch.cuda.empty_cache()
     return row
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def plot(rows, path):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_e2e
+from timing import write_csv
 
 CATEGORIES = ("sparse", "gemm", "attention", "other")
 
@@ -107,10 +107,7 @@ def main() -> None:
             rows.append({**bench_e2e.gpu_info(), "layers": args.layers, "sparsity": args.sparsity,
                          **profile_point(model, ids, args.new_tokens, backend, args.top)})
             print(rows[-1], flush=True)
-    with open(os.path.join(args.out, "profile_e2e.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, os.path.join(args.out, "profile_e2e.csv"))
     print(f"\n{rows[0]['gpu']}; {args.layers} {args.arch} layers ({dims['hidden']} hidden), "
           f"{args.sparsity:.0%} sparse; us per token")
     print(f"{'batch':>5} {'backend':<9} {'wall':>8} {'gpu busy':>9} {'host':>7} "

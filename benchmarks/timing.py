@@ -1,7 +1,8 @@
-"""GPU timing helpers shared by the benchmarks: L2-cold medians and CUDA-graph replays over rotated copies."""
+"""Helpers shared by the benchmarks: CUDA-graph replays over rotated copies, GPU / version info, the CSV writer."""
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,3 +39,12 @@ def gpu_info() -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton.__version__,
     }
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """One row per dict; the columns are every key of any row, in first-seen order."""
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
