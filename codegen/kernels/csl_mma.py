@@ -98,7 +98,8 @@ def get_csl_mma_configs(m: int, max_groups: int) -> list[TileConfig]:
 def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: TileConfig,
             epilogue: Epilogue | None = None) -> torch.Tensor:
     """x: [M, K] -> [M, N] (N_out with an epilogue)."""
-    if not (x.is_cuda and not interpreting() and str(x.dtype).removeprefix("torch.") in SMMA_TYPES):
+    dtype = str(x.dtype).removeprefix("torch.")
+    if not (x.is_cuda and not interpreting() and dtype in SMMA_TYPES):
         raise RuntimeError(f"the cmma kernel needs a CUDA fp16/bf16 x, got {x.device} {x.dtype}")
     check_launch(x, fmt, bias)
     nt, rt = config.block_m // 8, config.row_tiles()
@@ -124,8 +125,7 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
          m, fmt.n, x.stride(0), fmt.n, m * fmt.n, per_split, fmt.num_chunks),
         HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, RT=rt,
-        ASM=cmma_ptx(config.num_warps, rt, nt, str(x.dtype).removeprefix("torch."), fmt.max_groups,
-                     config.num_stages),
+        ASM=cmma_ptx(config.num_warps, rt, nt, dtype, fmt.max_groups, config.num_stages),
         CONSTRAINTS=cmma_constraints(nt, rt), num_warps=config.num_warps, num_stages=1,
     )
     return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
