@@ -160,3 +160,13 @@ def test_reused_static_cache_keeps_addresses_and_tokens(monkeypatch):
     assert [layer.keys.data_ptr() for layer in cache.layers] == addresses
     bench_e2e.reset_compiled_state(ids.device)
     assert not bench_e2e._CACHES
+
+
+def test_cmma_breakdown_fit_recovers_fixed_part_and_bandwidth():
+    """benchmarks/cmma_breakdown.py's line fit: main kernel us = fixed + MB / (TB/s), per (layer, M)."""
+    import cmma_breakdown
+
+    rows = [{"layer": "o", "m": 8, "weight_mb": mb, "main_kernel_us": 3.0 + mb / 2.5} for mb in (0.1, 7.0, 14.0)]
+    rows += [{"layer": "o", "m": 32, "weight_mb": 5.0, "main_kernel_us": 9.0}]  # one point: no fit
+    ((layer, m, fixed, tb_s),) = cmma_breakdown.fit(rows)
+    assert (layer, m) == ("o", 8) and fixed == pytest.approx(3.0) and tb_s == pytest.approx(2.5)

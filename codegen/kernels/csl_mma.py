@@ -26,7 +26,8 @@ from flashllm_compile.codegen.kernels.launch import launch
 from flashllm_compile.codegen.kernels.smma_ptx import SMMA_TYPES
 
 CMMA_DEPTHS = (1,)  # TileConfig.num_stages: chunks between a chunk's word loads and its scatter (2 measured the
-# same on the H100, within 2%, with more registers)
+# same on the H100, within 2%, with more registers; 2 and 3 measured 10-16% slower on geo-mean even with every
+# segment bound prefetched: benchmarks/RESULTS.md idea 28 -- the words already stream at HBM speed)
 CMMA_MAX_M = 64  # decode sizes: the compile-time dispatch offers the format up to here (beyond, every 64 tokens
 # scatter the tile again; at M = 64 cuBLAS already wins below ~90% sparsity)
 CMMA_MAX_GROUPS = 32  # word registers a lane may hold per chunk and weight tile (x depth + 1): more would spill
