@@ -56,8 +56,10 @@ class LinearMatch:
 
 
 def clean_source_name(source_name: str) -> str:
-    """"L['self']._modules['layers']._modules['0']._parameters['weight']" -> "layers.0.weight"."""
-    name = re.sub(r"^(L|G)\['[^']+'\]", "", source_name)
+    """"L['self']._modules['layers']._modules['0']._parameters['weight']" -> "layers.0.weight".  A forward wrapped as
+    f(*args) (transformers >= 5.24) has the module in L['args'][0]: the same name."""
+    name = re.sub(r"^(L|G)\['args'\]\[0\](?=\.)", "", source_name)
+    name = re.sub(r"^(L|G)\['[^']+'\]", "", name)
     name = re.sub(r"\._(modules|parameters|buffers)\['([^']+)'\]", r".\2", name)
     name = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", name)
     return name.strip(".") or source_name

@@ -168,3 +168,15 @@ def test_compression_progress_bar_only_on_tty_with_many_layers(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
     monkeypatch.delenv("FLASHLLM_PROGRESS")
     assert rw._progress(many) is many
+
+
+@pytest.mark.parametrize("source", [
+    "L['self']._modules['model']._modules['layers']._modules['0']._modules['mlp']._modules['up_proj']._parameters['weight']",
+    "L['args'][0]._modules['model']._modules['layers']._modules['0']._modules['mlp']._modules['up_proj']._parameters['weight']",
+])
+def test_weight_names_from_dynamo_sources(source):
+    """Reports name a weight by its module path, whether Dynamo saw the module as `self` or, for a forward wrapped as
+    f(*args) (transformers >= 5.24), as args[0]."""
+    from flashllm_compile.passes.find_sparse_linears import clean_source_name
+
+    assert clean_source_name(source) == "model.layers.0.mlp.up_proj.weight"
