@@ -185,3 +185,23 @@ def test_tuner_keys_the_formats_apart(tmp_path):
     csl, bitmap = CslWeight.from_dense(w), BitmapWeight.from_dense(w)
     assert _key(csl, 8, True).startswith(f"csl:float16:64x256:g{csl.max_groups}:")
     assert _key(bitmap, 8, True).startswith("float16:64x256:ck128:")
+
+
+def test_cmma_under_pdl_waits_before_x_and_before_its_stores(monkeypatch):
+    """With programmatic dependent launch the program may start before the kernel that writes x has finished: it may
+    load words (weights) first, but must `griddepcontrol.wait` before its first copy of x, and on every path out
+    (an empty split skips the loop) before Triton's stores.  Off on the CPU, under the interpreter and by env."""
+    from flashllm_compile.codegen.kernels.cmma_ptx import cmma_ptx
+    from flashllm_compile.codegen.kernels.launch import pdl_enabled
+
+    for warps, rt, nt in ((4, 1, 1), (2, 2, 4), (4, 1, 8)):  # x double- and single-buffered
+        lines = cmma_ptx(warps, rt, nt, "float16", 16, 1, pdl=True).splitlines()
+        waits = [i for i, line in enumerate(lines) if line == "griddepcontrol.wait;"]
+        first_x = next(i for i, line in enumerate(lines) if "cp.async.cg" in line)
+        first_words = next(i for i, line in enumerate(lines) if "ld.global.nc.b32 %g" in line)
+        assert lines.count("griddepcontrol.launch_dependents;") == 1
+        assert first_words < waits[0] < first_x and lines[waits[-1] - 1] == "CMMA_END:"
+        assert "griddepcontrol" not in cmma_ptx(warps, rt, nt, "float16", 16, 1)
+    assert not pdl_enabled(torch.device("cpu"))
+    monkeypatch.setenv("FLASHLLM_PDL", "1")
+    assert not pdl_enabled(torch.device("cuda", 0))  # the tests run under TRITON_INTERPRET=1

@@ -37,7 +37,7 @@ from flashllm_compile.codegen.kernels.common import (
     split_k_output,
 )
 from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
-from flashllm_compile.codegen.kernels.launch import launch
+from flashllm_compile.codegen.kernels.launch import launch, pdl_enabled, wait_for_previous_kernel
 from flashllm_compile.codegen.kernels.rowwalk_ptx import PTX_TYPES, rowwalk_constraints, rowwalk_ptx
 
 ROWWALK_MAX_M = 8
@@ -157,10 +157,12 @@ def _bitmap_rowwalk_kernel(
     HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     CHUNK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SEGMENTS: tl.constexpr, HW_POPC: tl.constexpr,
-    ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+    ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[m, n] = sum over nonzeros W[n, k] * xt[k, m] (+ bias[n]); lanes [SEGMENTS, BLOCK_N] reduced over
-    SEGMENTS at the end.  With PARTIALS (split-K) writes fp32 partials out[pid_s, m, n]; ASM "" = Triton loop."""
+    SEGMENTS at the end.  With PARTIALS (split-K) writes fp32 partials out[pid_s, m, n]; ASM "" = Triton loop.
+    With PDL (launched with programmatic dependent launch) the first bitmap words load before the wait for the
+    kernel before it (xt is its output)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row_ids = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -169,6 +171,7 @@ def _bitmap_rowwalk_kernel(
     share_ids = pid_s * SEGMENTS + tl.arange(0, SEGMENTS)[:, None]  # [SEGMENTS, 1]
     v_lo, cnt, wi, w = _run_start(bitmap_ptr, offsets_ptr, rows, row_ok, share_ids, N, KW, num_chunks,
                                   SEGMENTS * tl.num_programs(1), CHUNK_K, CHUNK_STEPS, HW_POPC)
+    wait_for_previous_kernel(PDL)
     row_words = bitmap_ptr + rows * KW  # [1, BLOCK_N]
     toks = tl.arange(0, BLOCK_M)
     if ASM != "":
@@ -233,6 +236,7 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
     if smem_bytes and xt.data_ptr() % 16:  # xt is staged in shared memory 16 bytes at a time
         xt = xt.clone()
     asm = rowwalk_ptx(config.block_m, dtype, smem_bytes) if use_ptx else ""
+    pdl = pdl_enabled(x.device)
     grid = (cdiv(fmt.n, config.block_n), split_k)
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
     launch(
@@ -245,6 +249,6 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
         SEGMENTS=config.segments, HW_POPC=not interpreting(),
         ASM=asm,
         CONSTRAINTS=rowwalk_constraints(config.block_m) if use_ptx else "",
-        num_warps=config.num_warps, num_stages=1,
+        PDL=pdl, num_warps=config.num_warps, num_stages=1, pdl=pdl,
     )
     return finish_split_k(out, bias, x.dtype, epilogue) if partials else out

@@ -78,10 +78,12 @@ def _scatter(regs: list[str], count: str, tile: str, value: str | None = None) -
 
 
 @functools.cache
-def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1) -> str:
+def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1, pdl: bool = False) -> str:
     """PTX of one program: `warps` warps owning `rt` consecutive 16-row weight tiles each, NT 8-token tiles, a torch
     dtype name in SMMA_TYPES, at most `max_groups` groups of 32 words per segment (registers per lane and tile for
-    one chunk), and the words of chunk c + `depth` loaded while chunk c is computed.  Operands (cmma_constraints):
+    one chunk), and the words of chunk c + `depth` loaded while chunk c is computed.  With `pdl` (launched with
+    programmatic dependent launch) the next kernel may launch at once, and the program loads its first words before
+    it waits for the kernel before it (x is that kernel's output; the weights are not).  Operands (cmma_constraints):
     items, seg_start, x (u64), first row, N, chunks C, first chunk, end chunk, first token, M, x row stride, element
     index (unused)."""
     if not cmma_config_ok(warps, rt, nt) or depth < 1:
@@ -109,6 +111,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
          ".reg .b32 " + ", ".join(f"%x{i}" for i in range(pieces)) + ";",
          ".reg .b64 %o64, %ip, %xc, " + ", ".join(f"%sp{r}" for r in tiles) + ";"]
     o += [f"mov.f32 ${i}, 0f00000000;" for i in range(acc)]
+    o += ["griddepcontrol.launch_dependents;"] if pdl else []
     o += ["mov.u32 %th, %tid.x;", f"mov.u32 ${acc}, %th;", "and.b32 %lane, %th, 31;", "shr.u32 %warp, %th, 5;",
           "mov.b32 %z, 0;", "shr.u32 %rt, " + n0 + ", 4;", f"mad.lo.u32 %rt, %warp, {rt}, %rt;"]
     for r in tiles:
@@ -179,6 +182,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     for j in range(depth):
         o += next_end(j) + load_chunk(j, j)
     o += next_end(depth)
+    o += ["griddepcontrol.wait;"] if pdl else []  # from here on: x, and (after the program) the stores
     if xbufs == 2:
         o += copy_x("%xd", 0, None)
     # the tiles start zeroed; the set of chunk c0 - 1 holds no words
@@ -216,7 +220,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
 
     # depth + 1 chunks per loop iteration, so the word registers rotate instead of being copied
     o += ["CMMA_LOOP:"] + [line for j in range(depth + 1) for line in body(j)]
-    o += ["bra CMMA_LOOP;", "CMMA_END:", "}"]
+    o += ["bra CMMA_LOOP;", "CMMA_END:", *(["griddepcontrol.wait;"] if pdl else []), "}"]  # (an empty split too)
     return "\n".join(o)
 
 

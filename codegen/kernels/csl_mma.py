@@ -22,7 +22,7 @@ from flashllm_compile.codegen.kernels.common import (
     split_k_output,
 )
 from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
-from flashllm_compile.codegen.kernels.launch import launch
+from flashllm_compile.codegen.kernels.launch import launch, pdl_enabled
 from flashllm_compile.codegen.kernels.smma_ptx import SMMA_TYPES
 
 CMMA_DEPTHS = (1,)  # TileConfig.num_stages: chunks between a chunk's word loads and its scatter (2 measured the
@@ -120,13 +120,14 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
         return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
     act, residual = in_kernel_epilogue(epilogue, partials, m, fmt.n)
     grid = (cdiv(fmt.n, config.block_n), split_k, cdiv(m, config.block_m))
+    pdl = pdl_enabled(x.device)
     launch(
         _csl_mma_kernel, grid,
         (x, fmt.items, fmt.seg_start, bias if bias is not None else x, residual if residual is not None else x, out,
          m, fmt.n, x.stride(0), fmt.n, m * fmt.n, per_split, fmt.num_chunks),
         HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, RT=rt,
-        ASM=cmma_ptx(config.num_warps, rt, nt, dtype, fmt.max_groups, config.num_stages),
-        CONSTRAINTS=cmma_constraints(nt, rt), num_warps=config.num_warps, num_stages=1,
+        ASM=cmma_ptx(config.num_warps, rt, nt, dtype, fmt.max_groups, config.num_stages, pdl),
+        CONSTRAINTS=cmma_constraints(nt, rt), num_warps=config.num_warps, num_stages=1, pdl=pdl,
     )
     return finish_split_k(out, bias, x.dtype, epilogue) if partials else out

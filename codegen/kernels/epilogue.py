@@ -13,7 +13,7 @@ import triton.language as tl
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
 from flashllm_compile.codegen.kernels.host_math import cdiv
-from flashllm_compile.codegen.kernels.launch import launch
+from flashllm_compile.codegen.kernels.launch import launch, pdl_enabled, wait_for_previous_kernel
 
 SMALL_OUTPUT = 1 << 16  # outputs up to this many elements get smaller blocks: more programs for a decode step
 
@@ -45,12 +45,13 @@ def _epilogue_kernel(
     S, M, N_OUT, stride_is, stride_im,
     # meta-parameters
     ACT: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """out[m, n] = cast(act(y[m, n]) (* y[m, n + N_OUT] with GLU) + res[m, n]),  y = sum_s in[s, m, :] + bias
     (fixed order s = 0..S-1: deterministic, no atomics).  in: [S, M, N] (N = N_OUT, or 2 N_OUT with GLU),
     last dim contiguous; out, res: [M, N_OUT] contiguous.  One program covers BLOCK flat output elements.
     ACT: 0 none, 1 silu, 2 gelu (erf), 3 gelu (tanh), 4 relu."""
+    wait_for_previous_kernel(PDL)  # launched with PDL (launch.pdl_enabled): the partials' writer must be done
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # flat index into out [M, N_OUT]
     mask = offs < M * N_OUT
     m = offs // N_OUT
@@ -96,11 +97,12 @@ def fused_epilogue(partials: torch.Tensor, bias: torch.Tensor | None, epilogue: 
     bias = bias.contiguous() if bias is not None else None
     residual = residual.contiguous() if residual is not None else None
     block, num_warps = get_epilogue_config(out.numel())
+    pdl = pdl_enabled(out.device)
     launch(
         _epilogue_kernel, (cdiv(out.numel(), block),),
         (partials, bias if bias is not None else partials, residual if residual is not None else partials, out,
          s, m, n_out, partials.stride(0), partials.stride(1)),
         ACT=epilogue.act_code, GLU=epilogue.glu, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        BLOCK=block, num_warps=num_warps,
+        BLOCK=block, PDL=pdl, num_warps=num_warps, pdl=pdl,
     )
     return out

@@ -143,3 +143,50 @@ def test_direct_launch_matches_jit_and_keys_on_alignment():
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
     assert len(launch_mod._COMPILED) == 2  # one entry per alignment
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pdl_chain_is_exact_over_replays(dtype, monkeypatch):
+    """Programmatic dependent launch (cmma, the row walk, the epilogue kernel): in a CUDA graph where each op reads the
+    previous op's output through a torch kernel, 30 replays with PDL give bitwise the result without it (a kernel that
+    read x or wrote before `griddepcontrol.wait` would race), and the launches really carry the attribute."""
+    from flashllm_compile.codegen.formats.csl import CslWeight
+    from flashllm_compile.codegen.kernels import launch
+    from flashllm_compile.codegen.kernels.bitmap_rowwalk import bitmap_rowwalk, get_bitmap_rowwalk_configs
+    from flashllm_compile.codegen.kernels.csl_mma import csl_mma, get_csl_mma_configs
+
+    weights = [pruned(4096, 4096, 0.8, dtype) for _ in range(4)]
+    csl = [CslWeight.from_dense(w) for w in weights]
+    bitmap = [BitmapWeight.from_dense(w) for w in weights]
+    for m in (1, 8, 32):
+        x0 = torch.randn(m, 4096, device="cuda", dtype=dtype)
+        cmma = next(c for c in get_csl_mma_configs(m, max(f.max_groups for f in csl)) if c.split_k > 1)
+        walk = get_bitmap_rowwalk_configs(m)[-1:] if m <= 8 else []
+
+        def chain(x0=x0, cmma=cmma, walk=walk):
+            x = x0
+            for i in range(4):
+                x = csl_mma(x, csl[i], None, cmma) * 0.02
+                if walk:
+                    x = bitmap_rowwalk(x, bitmap[i], None, walk[0]) * 0.05
+            return x
+
+        results = {}
+        for pdl in ("0", "1"):
+            monkeypatch.setenv("FLASHLLM_PDL", pdl)
+            assert launch.pdl_enabled(x0.device) == (pdl == "1" and torch.cuda.get_device_capability() >= (9, 0))
+            chain()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            runs = []
+            for _ in range(30):
+                out.fill_(float("nan"))
+                graph.replay()
+                runs.append(out.clone())
+            results[pdl] = runs
+        assert all(torch.equal(r, results["0"][0]) for r in results["0"] + results["1"])
+        assert torch.isfinite(results["1"][0]).all()
+        if torch.cuda.get_device_capability() >= (9, 0):
+            assert any(key[4] for key in launch._COMPILED if key[0].fn.__name__ == "_csl_mma_kernel")
