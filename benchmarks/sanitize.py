@@ -193,10 +193,15 @@ def child_command(set_name: str, args, tool: str | None = None) -> list[str]:
 
 def sanitizer_command(tool: str, exe: str, set_name: str, args, supports_kernel_filter: bool) -> list[str]:
     cmd = [exe, "--tool", tool, "--error-exitcode", "1", "--print-limit", "50"]
-    # only our Triton kernels (_bitmap_<family>_kernel); initcheck also watches torch's split-K reduction,
-    # which is what reads the fp32 partials a kernel might have left unwritten
+    # only our Triton kernels where one name filter covers them (_bitmap_<family>_kernel, or _csl_mma_kernel alone;
+    # the filter takes one substring, so cmma next to bitmap families runs unfiltered); initcheck also watches the
+    # split-K epilogue kernel, which is what reads the fp32 partials a kernel might have left unwritten
+    families = args.families or []
     if supports_kernel_filter and not args.all_kernels and tool != "initcheck":
-        cmd += ["--kernel-name", "kns=_csl_mma" if args.families == [CSL_FAMILY] else "kns=_bitmap"]
+        if families == [CSL_FAMILY]:
+            cmd += ["--kernel-name", "kns=_csl_mma"]
+        elif CSL_FAMILY not in families:
+            cmd += ["--kernel-name", "kns=_bitmap"]
     if tool == "racecheck":
         cmd += ["--racecheck-report", "all"]
     return cmd + child_command(set_name, args, tool)

@@ -170,3 +170,18 @@ def test_cmma_breakdown_fit_recovers_fixed_part_and_bandwidth():
     rows += [{"layer": "o", "m": 32, "weight_mb": 5.0, "main_kernel_us": 9.0}]  # one point: no fit
     ((layer, m, fixed, tb_s),) = cmma_breakdown.fit(rows)
     assert (layer, m) == ("o", 8) and fixed == pytest.approx(3.0) and tb_s == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("families, expected", [(None, "kns=_bitmap"), (["rowwalk"], "kns=_bitmap"),
+                                                (["cmma"], "kns=_csl_mma"), (["cmma", "rowwalk"], None)])
+def test_sanitizer_filter_never_hides_a_requested_family(families, expected):
+    """benchmarks/sanitize.py: compute-sanitizer's --kernel-name takes one substring, so cmma next to a bitmap family
+    runs unfiltered (a `_bitmap` filter once left its cmma cases unchecked)."""
+    import argparse
+
+    import sanitize
+
+    args = argparse.Namespace(all_kernels=False, families=families, m=None, dtypes=None, out="out")
+    cmd = sanitize.sanitizer_command("memcheck", "compute-sanitizer", "tiny", args, True)
+    found = cmd[cmd.index("--kernel-name") + 1] if "--kernel-name" in cmd else None
+    assert found == expected
