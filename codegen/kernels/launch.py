@@ -11,6 +11,9 @@ specialisation, so a cached kernel is always the one the JIT would pick: integer
 == 1 and % 16), tensors by dtype and 16-byte alignment (the NVIDIA backend's only pointer specialisation), every
 constexpr by name and value, plus num_warps, num_stages and the device.  Knobs read by the JIT at launch time (e.g.
 TRITON_DEBUG) are taken from a specialisation's first launch.
+
+Also here: programmatic dependent launch (`pdl_enabled`, `wait_for_previous_kernel`), which the kernels of the
+decode path use on Hopper to shorten the gap between dependent kernels.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ def interpreting() -> bool:
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels that support it launch with programmatic dependent launch (PDL, Hopper and later): such a
     kernel may start while the kernel before it in the stream finishes, so it must run `griddepcontrol.wait` before it
-    reads anything but weights or writes anything (ours do: the Tiled-CSL kernel loads its first words first, the
-    epilogue kernel waits on entry), and it lets the next kernel start early with `griddepcontrol.launch_dependents`.
+    reads anything but weights or writes anything (ours do: the Tiled-CSL kernel loads its first words and the row
+    walk its first bitmap words before they wait, the epilogue kernel waits on entry), and it lets the next kernel
+    start early with `griddepcontrol.launch_dependents`.  H100 (benchmarks/RESULTS.md idea 30): cmma 1.055x on
+    geo-mean, the row walk 1.09-1.19x at M = 1, decode +5% / +10% tokens/s at batch 1 / 8.
     What it saves is the gap between dependent kernels, which a CUDA graph does not remove (~2-3 us a launch on the
     H100).  Off under the interpreter, before sm_90, and with FLASHLLM_PDL=0."""
     return device.type == "cuda" and not interpreting() and os.environ.get("FLASHLLM_PDL", "1") != "0" and \
