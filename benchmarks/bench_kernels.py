@@ -23,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import ROTATIONS, gpu_info, graph_time_us, write_csv
+from timing import ROTATIONS, gpu_info, graph_time_us, pruned, write_csv
 
 from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
@@ -46,11 +46,6 @@ def copy_bandwidth_gbps() -> float:
     dst = torch.empty_like(src)
     us = graph_time_us([lambda: dst.copy_(src)])
     return 2 * src.numel() / us / 1e3
-
-
-def pruned(n: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
-    w = torch.randn(n, k, device="cuda", dtype=dtype)
-    return w.masked_fill_(torch.rand(n, k, device="cuda") < sparsity, 0)
 
 
 def prune_2_4(w: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import SHAPES
-from timing import ROTATIONS, gpu_info, graph_time_us, write_csv
+from timing import ROTATIONS, gpu_info, graph_time_us, pruned, write_csv
 
 from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.csl_mma import csl_mma, get_csl_mma_configs
@@ -36,11 +36,6 @@ from flashllm_compile.codegen.kernels.epilogue import fused_epilogue
 @triton.jit
 def _empty_kernel(ptr):
     pass
-
-
-def pruned(n: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
-    w = torch.randn(n, k, device="cuda", dtype=dtype)
-    return w.masked_fill_(torch.rand(n, k, device="cuda") < sparsity, 0)
 
 
 def kernel_times_us(fn, calls: int = 5) -> dict[str, float]:

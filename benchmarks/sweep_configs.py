@@ -17,15 +17,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import ROTATIONS, gpu_info, graph_time_us
+from timing import ROTATIONS, gpu_info, graph_time_us, pruned
 
 from flashllm_compile.codegen.autotune import LAUNCHERS, bench_us, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-
-
-def pruned_weight(n: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
-    w = torch.randn(n, k, device="cuda", dtype=dtype)
-    return w.masked_fill_(torch.rand(n, k, device="cuda") < sparsity, 0)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -33,7 +28,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def sweep_point(n, k, m, sparsity, dtype, chunk_ks, families, log):
-    weights = [pruned_weight(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
+    weights = [pruned(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = torch.nn.functional.linear(x.float(), weights[0].float())
     best = {}

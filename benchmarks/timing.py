@@ -31,6 +31,12 @@ def graph_time_us(calls: Sequence[Callable[[], object]], replays: int = 20) -> f
     return replay_us(graph, replays) / len(calls)
 
 
+def pruned(n: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
+    """A random [N, K] weight on the GPU with each entry zeroed with probability `sparsity` (unstructured)."""
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    return w.masked_fill_(torch.rand(n, k, device="cuda") < sparsity, 0)
+
+
 def gpu_info() -> dict[str, str]:
     import triton
 
