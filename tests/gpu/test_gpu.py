@@ -188,5 +188,8 @@ def test_pdl_chain_is_exact_over_replays(dtype, monkeypatch):
             results[pdl] = runs
         assert all(torch.equal(r, results["0"][0]) for r in results["0"] + results["1"])
         assert torch.isfinite(results["1"][0]).all()
-        if torch.cuda.get_device_capability() >= (9, 0):
-            assert any(key[4] for key in launch._COMPILED if key[0].fn.__name__ == "_csl_mma_kernel")
+        if torch.cuda.get_device_capability() >= (9, 0):  # what the compiled launcher reads at every launch
+            launched = {(key[0].fn.__name__, compiled.metadata.launch_pdl) for key, (compiled, _) in
+                        launch._COMPILED.items()}
+            kernels = {"_csl_mma_kernel", "_epilogue_kernel"} | ({"_bitmap_rowwalk_kernel"} if walk else set())
+            assert {(name, True) for name in kernels} <= launched and {(name, False) for name in kernels} <= launched
