@@ -50,9 +50,10 @@ if nvdisasm.exists():
     sass = subprocess.run([str(nvdisasm), "-c", str(workdir / "program.cubin")], capture_output=True, text=True,
                           check=True).stdout
     result["spills"] = bool(re.search(r"\b(LDL|STL)\b", sass))
-    for op in ("LDGSTS", "LDSM", "PRMT", "POPC", "BAR.SYNC", "LDS.128", "STS.U16"):
+    for op in ("LDGSTS", "LDSM", "PRMT", "POPC", "BAR.SYNC", "LDS.128", "STS.U16", "BRX", "BRXU"):
         result[op] = len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
     result["HMMA"] = len(re.findall(r"\bHMMA\.16816\.F32", sass))
+    result["guarded STS.U16"] = len(re.findall(r"@!?U?P\w+\s+STS\.U16\b", sass))
 print(json.dumps(result))
 '''
 
@@ -76,6 +77,7 @@ from flashllm_compile.codegen.kernels.cmma_ptx import cmma_constraints, cmma_ptx
 
 warps, rt, block_m, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 partials, max_groups, depth, workdir = sys.argv[5] == "1", int(sys.argv[6]), int(sys.argv[7]), Path(sys.argv[8])
+jump = sys.argv[9] == "1"
 nt = block_m // 8
 ty = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
 signature = {"x_ptr": f"*{ty}", "items_ptr": "*i32", "seg_ptr": "*i32", "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}",
@@ -83,7 +85,8 @@ signature = {"x_ptr": f"*{ty}", "items_ptr": "*i32", "seg_ptr": "*i32", "bias_pt
              "stride_om": "i32", "stride_os": "i32", "chunks_per_split": "i32", "num_chunks": "i32"}
 constants = {"HAS_BIAS": not partials, "PARTIALS": partials, "ACT": 0 if partials else 1,
              "HAS_RESIDUAL": not partials, "BLOCK_N": 16 * warps * rt, "BLOCK_M": block_m, "RT": rt,
-             "ASM": cmma_ptx(warps, rt, nt, dtype, max_groups, depth), "CONSTRAINTS": cmma_constraints(nt, rt)}
+             "ASM": cmma_ptx(warps, rt, nt, dtype, max_groups, depth, jump=jump),
+             "CONSTRAINTS": cmma_constraints(nt, rt)}
 signature.update({name: "constexpr" for name in constants})
 kernel = triton.compile(ASTSource(_csl_mma_kernel, signature, constexprs=constants),
                         target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
@@ -91,9 +94,10 @@ kernel = triton.compile(ASTSource(_csl_mma_kernel, signature, constexprs=constan
 
 
 def compile_cmma(warps: int, rt: int, block_m: int, dtype: str, partials: bool, max_groups: int, depth: int,
-                 tmp_path) -> dict:
+                 tmp_path, jump: bool = False) -> dict:
     """compile_program for the Tiled-CSL program (its own Triton kernel around the PTX; warps own rt tiles)."""
-    return _run_child(CMMA_CHILD, [warps, rt, block_m, dtype, int(partials), max_groups, depth, tmp_path], tmp_path)
+    return _run_child(CMMA_CHILD, [warps, rt, block_m, dtype, int(partials), max_groups, depth, tmp_path, int(jump)],
+                      tmp_path)
 
 
 def _run_child(child_source: str, args: list, tmp_path) -> dict:

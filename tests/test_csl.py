@@ -117,17 +117,20 @@ def test_bank_aware_order_cuts_the_scatter_wavefronts(sparsity, bound):
     assert fmt.bank_conflicts() == pytest.approx(ordered)
 
 
-@pytest.mark.parametrize("warps, rt, block_m, dtype, partials, depth, max_groups", [
-    (2, 1, 8, "float16", False, 2, 16), (4, 1, 16, "bfloat16", True, 1, 16), (2, 2, 32, "float16", True, 1, 16),
-    (4, 1, 64, "float16", False, 1, 24), (4, 2, 8, "bfloat16", True, 1, 12), (2, 2, 64, "float16", False, 1, 12),
-    (4, 2, 32, "float16", False, 1, 16), (2, 1, 64, "bfloat16", False, 1, 32)])
-def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_groups, tmp_path):
+@pytest.mark.parametrize("warps, rt, block_m, dtype, partials, depth, max_groups, jump", [
+    (2, 1, 8, "float16", False, 2, 16, False), (4, 1, 16, "bfloat16", True, 1, 16, False),
+    (2, 2, 32, "float16", True, 1, 16, False), (4, 1, 64, "float16", False, 1, 24, False),
+    (4, 2, 8, "bfloat16", True, 1, 12, False), (2, 2, 64, "float16", False, 1, 12, False),
+    (4, 2, 32, "float16", False, 1, 16, False), (2, 1, 64, "bfloat16", False, 1, 32, False),
+    (4, 1, 8, "float16", True, 1, 24, True), (4, 2, 32, "float16", False, 1, 16, True),
+    (2, 2, 64, "bfloat16", True, 1, 12, True), (2, 1, 8, "float16", False, 2, 16, True)])
+def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_groups, jump, tmp_path):
     from ptx_program import assert_one_element_per_thread, compile_cmma
 
     from flashllm_compile.codegen.kernels.cmma_ptx import STATIC_SMEM_MAX, cmma_smem_bytes, cmma_x_buffers
 
     nt = block_m // 8
-    result = compile_cmma(warps, rt, block_m, dtype, partials, max_groups, depth, tmp_path)
+    result = compile_cmma(warps, rt, block_m, dtype, partials, max_groups, depth, tmp_path, jump)
     assert_one_element_per_thread(result, warps)
     assert result["shared"] == cmma_smem_bytes(warps, rt, nt) <= STATIC_SMEM_MAX
     if "spills" in result:
@@ -140,10 +143,16 @@ def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_
         assert result["HMMA"] == chunks * 8 * nt * rt  # 8 k-steps a chunk, one MMA per weight tile and token tile
         # A: 2 ldmatrix.x4 per k-step pair and weight tile; B: 1 per token tile, shared by the weight tiles
         assert result["LDSM"] == chunks * (8 * rt + 4 * nt)
-        # two 16-bit stores per word register: its value, and its zero a chunk later (ptxas drops the zeros of a
-        # peeled first chunk, where no words went yet)
-        stores = [chunks * rt * max_groups * 2, (chunks * 2 - 1) * rt * max_groups]
-        assert result["STS.U16"] in stores, result
+        if jump:
+            # per tile: one indirect jump into the word loads of each prologue chunk, and three a chunk (loads,
+            # clear, scatter), each into max_groups unguarded steps
+            assert result["BRX"] + result["BRXU"] == rt * (depth + 3 * chunks), result
+            assert result["STS.U16"] == chunks * rt * max_groups * 2 and result["guarded STS.U16"] == 0, result
+        else:
+            # two 16-bit stores per word register: its value, and its zero a chunk later (ptxas drops the zeros of
+            # a peeled first chunk, where no words went yet)
+            stores = [chunks * rt * max_groups * 2, (chunks * 2 - 1) * rt * max_groups]
+            assert result["STS.U16"] in stores and result["guarded STS.U16"] == result["STS.U16"], result
         assert result["LDGSTS"] > 0  # x chunks copied asynchronously
 
 

@@ -4,7 +4,8 @@
 Flash-LLM's "load as sparse, compute as dense" with a decode that costs per nonzero: every warp owns RT consecutive
 16-row tiles of the weight and, per 128-column chunk c,
   load      its segments' words (one 32-bit word a nonzero, `offset << 16 | value`) for chunk c + depth into
-            registers, one coalesced 128-byte load per group of 32 (issued `depth` chunks before they are used);
+            registers, one coalesced 128-byte load per group of 32 (issued `depth` chunks before they are used;
+            each group guarded by a predicate, or, `jump`, entered by an indirect jump on the group count);
   clear     its [16, 128] tile buffers: a zero stored where chunk c - 1's words went, while those words are still
             in registers (zeroing whole tiles, 8 16-byte stores a lane that conflict two ways, measured 10-20%
             slower from 80% sparsity: RESULTS.md idea 23; they are zeroed whole once, before the first chunk);
@@ -77,13 +78,39 @@ def _scatter(regs: list[str], count: str, tile: str, value: str | None = None) -
     return o
 
 
+def _unrolled_from(count: str, tag: str, steps: list[list[str]]) -> list[str]:
+    """steps[g] for g = count - 1 down to 0, without a predicate a step: an indirect jump (`brx.idx`, `count` is
+    warp-uniform) into the unrolled sequence, entry `count` (Duff's device).  count <= len(steps)."""
+    labels = [f"{tag}_{i}" for i in range(len(steps) + 1)]
+    o = [f"{tag}: .branchtargets {', '.join(labels)};", f"brx.idx {count}, {tag};"]
+    for g in range(len(steps) - 1, -1, -1):
+        o += [f"{labels[g + 1]}:", *steps[g]]
+    return o + [f"{labels[0]}:"]
+
+
+def _load_groups_jump(regs: list[str], count: str, base: str, tag: str) -> list[str]:
+    """_load_groups by an indirect jump: `count` is already 0 where nothing is to be loaded."""
+    return _unrolled_from(count, tag, [[f"ld.global.nc.b32 {r}, [{base}+{128 * g}];"] for g, r in enumerate(regs)])
+
+
+def _scatter_jump(regs: list[str], count: str, tile: str, tag: str, value: str | None = None) -> list[str]:
+    """_scatter by an indirect jump."""
+    return _unrolled_from(count, tag, [[f"shr.u32 %so, {r}, 16;", f"add.u32 %so, %so, {tile};",
+                                        f"st.shared.b16 [%so], {value or r};"] for r in regs])
+
+
 @functools.cache
-def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1, pdl: bool = False) -> str:
+def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1, pdl: bool = False,
+             jump: bool = False) -> str:
     """PTX of one program: `warps` warps owning `rt` consecutive 16-row weight tiles each, NT 8-token tiles, a torch
     dtype name in SMMA_TYPES, at most `max_groups` groups of 32 words per segment (registers per lane and tile for
     one chunk), and the words of chunk c + `depth` loaded while chunk c is computed.  With `pdl` (launched with
     programmatic dependent launch) the next kernel may launch at once, and the program loads its first words before
-    it waits for the kernel before it (x is that kernel's output; the weights are not).  Operands (cmma_constraints):
+    it waits for the kernel before it (x is that kernel's output; the weights are not).  With `jump` a tile's word
+    loads, clears and scatters of a chunk are entered by an indirect jump on its group count (warp-uniform) into
+    max_groups unguarded steps, instead of a compare and a predicate a group and phase: the SASS per word falls from
+    ~12 instructions to 5 (ISETP was 26% of the instructions executed, ncu), but each step is a basic block that
+    ptxas no longer interleaves or sinks.  Operands (cmma_constraints):
     items, seg_start, x (u64), first row, N, chunks C, first chunk, end chunk, first token, M, x row stride, element
     index (unused)."""
     if not cmma_config_ok(warps, rt, nt) or depth < 1:
@@ -97,6 +124,10 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     pieces = 8 * nt * 16 // threads  # 16-byte pieces of an x chunk each thread copies
     rows_per_piece = threads // 16
     tiles = range(rt)
+    labels = iter(range(1 << 20))
+
+    def label() -> str:
+        return f"CMMA_J{next(labels)}"
     # word registers of depth + 1 chunks per weight tile, and their counts
     sets = [[[f"%g{j}_{r}_{g}" for g in range(max_groups)] for r in tiles] for j in range(depth + 1)]
     counts = [[f"%cnt{j}_{r}" for r in tiles] for j in range(depth + 1)]
@@ -149,7 +180,8 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
             b += [f"setp.lt.u32 %pl, %t, {c1};", f"and.pred %pl, %pl, %pw{r};", f"mov.u32 {counts[j][r]}, 0;",
                   f"@%pl sub.u32 {counts[j][r]}, %eN{r}, %eS{r};", f"mul.wide.u32 %o64, %eS{r}, 128;",
                   f"add.s64 %ip, {items}, %o64;", "mul.wide.u32 %o64, %lane, 4;", "add.s64 %ip, %ip, %o64;"]
-            b += _load_groups(sets[j][r], counts[j][r], "%ip", "%pl")
+            b += (_load_groups_jump(sets[j][r], counts[j][r], "%ip", label()) if jump else
+                  _load_groups(sets[j][r], counts[j][r], "%ip", "%pl"))
         return b
 
     def next_end(ahead: int) -> list[str]:
@@ -200,11 +232,14 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
         # zeros where chunk c - 1's words went, before their registers are reloaded
         b = list(done)
         for r in tiles:
-            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[nxt][r], counts[nxt][r], "%t", "%z")
+            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + (
+                _scatter_jump(sets[nxt][r], counts[nxt][r], "%t", label(), "%z") if jump else
+                _scatter(sets[nxt][r], counts[nxt][r], "%t", "%z"))
         b += load
         b += ["bar.warp.sync 0xffffffff;"]  # the tiles are clear; scatter chunk c's words
         for r in tiles:
-            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[j][r], counts[j][r], "%t")
+            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + (
+                _scatter_jump(sets[j][r], counts[j][r], "%t", label()) if jump else _scatter(sets[j][r], counts[j][r], "%t"))
         # every warp's scatter of chunk c and every copy of x chunk c are done
         b += ["cp.async.wait_group 0;", "barrier.sync 0;"]
         if xbufs == 2:

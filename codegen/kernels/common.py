@@ -27,6 +27,7 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int
     segments: int = 1  # rowwalk: lanes per row in a program, each walking one equal share of the row
+    jump: bool = False  # cmma: a chunk's word loads and scatters entered by an indirect jump, no predicate a group
 
     def row_tiles(self) -> int:
         """cmma: the 16-row weight tiles each warp of a program owns (BLOCK_N = 16 x warps x tiles)."""
@@ -35,7 +36,7 @@ class TileConfig(NamedTuple):
     def short(self) -> str:
         extra = f",seg={self.segments}" if self.family == "rowwalk" else ""
         if self.family == "cmma":
-            extra = f",rt={self.row_tiles()}"
+            extra = f",rt={self.row_tiles()}" + (",jump" if self.jump else "")
         return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
                 f"s={self.num_stages}{extra}]")
 

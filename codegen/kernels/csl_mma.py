@@ -36,6 +36,9 @@ CMMA_MAX_BLOCK_M = 64  # 8 tiles of 8 tokens share one scatter
 # (warps, weight tiles a warp) to tune; (1, 2), (1, 4), (2, 4) measured 7-25% slower than the best (H100, LLaMA-7B,
 # 70-90%, M = 1..64: benchmarks/RESULTS.md, ninth session)
 CMMA_SHAPES = ((2, 1), (4, 1), (2, 2), (4, 2))
+# word loads / scatters guarded by a predicate a group (False), or entered by an indirect jump (True): neither wins
+# everywhere (H100, benchmarks/RESULTS.md idea 33: the jump +2-15% at M >= 8 and at 80-90%, 0.44-0.75x at 70% M = 1)
+CMMA_JUMPS = (False, True)
 
 
 def cmma_words_ok(rt: int, nt: int, max_groups: int) -> bool:
@@ -87,12 +90,12 @@ def cmma_default_config(m: int, max_groups: int) -> TileConfig:
 
 def get_csl_mma_configs(m: int, max_groups: int) -> list[TileConfig]:
     """Tuning space for a weight whose segments need up to `max_groups` word registers: CMMA_SHAPES (warps x weight
-    tiles a warp, where shared memory and registers allow) x split-K 1..8."""
+    tiles a warp, where shared memory and registers allow) x split-K 1..8 x CMMA_JUMPS."""
     if interpreting():
         return []
     block_m = cmma_block_m(m)
-    return [TileConfig("cmma", CSL_ROWS * warps * rt, block_m, split_k, warps, depth) for warps, rt in CMMA_SHAPES
-            for split_k in (1, 2, 4, 8) for depth in CMMA_DEPTHS
+    return [TileConfig("cmma", CSL_ROWS * warps * rt, block_m, split_k, warps, depth, jump=jump)
+            for warps, rt in CMMA_SHAPES for split_k in (1, 2, 4, 8) for depth in CMMA_DEPTHS for jump in CMMA_JUMPS
             if cmma_config_ok(warps, rt, block_m // 8) and cmma_words_ok(rt, block_m // 8, max_groups)]
 
 
@@ -127,7 +130,7 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
          m, fmt.n, x.stride(0), fmt.n, m * fmt.n, per_split, fmt.num_chunks),
         HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None,
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, RT=rt,
-        ASM=cmma_ptx(config.num_warps, rt, nt, dtype, fmt.max_groups, config.num_stages, pdl),
+        ASM=cmma_ptx(config.num_warps, rt, nt, dtype, fmt.max_groups, config.num_stages, pdl, config.jump),
         CONSTRAINTS=cmma_constraints(nt, rt), num_warps=config.num_warps, num_stages=1, pdl=pdl,
     )
     return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
