@@ -26,6 +26,7 @@ tile, so the Triton kernel around it stores it the same way: bitmap_decode.store
 from __future__ import annotations
 
 import functools
+import itertools
 
 from flashllm_compile.codegen.formats.csl import CSL_CHUNK, TILE_BYTES, TILE_ROW_BYTES
 from flashllm_compile.codegen.kernels.smma_ptx import ROW_BYTES, SMMA_TYPES, STATIC_SMEM_MAX, ldmatrix_mma_chunk
@@ -80,7 +81,8 @@ def _scatter(regs: list[str], count: str, tile: str, value: str | None = None) -
 
 def _unrolled_from(count: str, tag: str, steps: list[list[str]]) -> list[str]:
     """steps[g] for g = count - 1 down to 0, without a predicate a step: an indirect jump (`brx.idx`, `count` is
-    warp-uniform) into the unrolled sequence, entry `count` (Duff's device).  count <= len(steps)."""
+    warp-uniform) into the unrolled sequence, entry `count` (Duff's device).  count <= len(steps): a segment's
+    groups never exceed the format's max_groups (CslWeight.from_dense), which sizes the sequence."""
     labels = [f"{tag}_{i}" for i in range(len(steps) + 1)]
     o = [f"{tag}: .branchtargets {', '.join(labels)};", f"brx.idx {count}, {tag};"]
     for g in range(len(steps) - 1, -1, -1):
@@ -124,10 +126,11 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     pieces = 8 * nt * 16 // threads  # 16-byte pieces of an x chunk each thread copies
     rows_per_piece = threads // 16
     tiles = range(rt)
-    labels = iter(range(1 << 20))
+    labels = itertools.count()  # jump tables and their targets: unique in the program (the body is unrolled)
 
     def label() -> str:
         return f"CMMA_J{next(labels)}"
+
     # word registers of depth + 1 chunks per weight tile, and their counts
     sets = [[[f"%g{j}_{r}_{g}" for g in range(max_groups)] for r in tiles] for j in range(depth + 1)]
     counts = [[f"%cnt{j}_{r}" for r in tiles] for j in range(depth + 1)]
