@@ -181,6 +181,10 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(8, 24)} == {1}
     assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(64, 16)} == {1}  # 24 next to 8 token tiles
     assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(64, 12)} == {1, 2}
+    # each shape in both forms of the word path (guarded, jump): neither measured faster everywhere
+    configs = csl_mma.get_csl_mma_configs(8, 16)
+    assert {c._replace(jump=False) for c in configs if c.jump} == {c for c in configs if not c.jump}
+    assert not csl_mma.cmma_default_config(8, 16).jump  # the untuned default keeps the guarded form
     dense_fmt = CslWeight.from_dense(pruned(32, 256, 0.0))
     with pytest.raises(ValueError, match="too dense"):
         csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2, 16))
