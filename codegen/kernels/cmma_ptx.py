@@ -61,17 +61,24 @@ def cmma_config_ok(warps: int, rt: int, nt: int) -> bool:
         8 * nt * 16 // threads <= MAX_PIECES and cmma_smem_bytes(warps, rt, nt) <= STATIC_SMEM_MAX
 
 
-def _load_groups(regs: list[str], count: str, base: str, pred: str) -> list[str]:
+def _load_groups(regs: list[str], count: str, base: str, pred: str, jump: str | None = None) -> list[str]:
     """Group g's word of this lane (base + 128 g) into regs[g] where g < count and `pred`; zero-filler otherwise is
-    not needed (unloaded groups are not scattered)."""
+    not needed (unloaded groups are not scattered).  With a `jump` label, by an indirect jump instead of a
+    predicate a group (`count` is then already 0 where `pred` is false)."""
+    if jump:
+        return _unrolled_from(count, jump, [[f"ld.global.nc.b32 {r}, [{base}+{128 * g}];"] for g, r in enumerate(regs)])
     o = []
     for g, r in enumerate(regs):
         o += [f"setp.gt.and.u32 %pg, {count}, {g}, {pred};", f"@%pg ld.global.nc.b32 {r}, [{base}+{128 * g}];"]
     return o
 
 
-def _scatter(regs: list[str], count: str, tile: str, value: str | None = None) -> list[str]:
-    """Store the value (low half) of each loaded word, or `value`'s low half, at tile + its offset (high half)."""
+def _scatter(regs: list[str], count: str, tile: str, value: str | None = None, jump: str | None = None) -> list[str]:
+    """Store the value (low half) of each loaded word, or `value`'s low half, at tile + its offset (high half).  With
+    a `jump` label, by an indirect jump instead of a predicate a group."""
+    if jump:
+        return _unrolled_from(count, jump, [[f"shr.u32 %so, {r}, 16;", f"add.u32 %so, %so, {tile};",
+                                             f"st.shared.b16 [%so], {value or r};"] for r in regs])
     o = []
     for g, r in enumerate(regs):
         o += [f"setp.gt.u32 %pg, {count}, {g};", f"shr.u32 %so, {r}, 16;", f"add.u32 %so, %so, {tile};",
@@ -88,17 +95,6 @@ def _unrolled_from(count: str, tag: str, steps: list[list[str]]) -> list[str]:
     for g in range(len(steps) - 1, -1, -1):
         o += [f"{labels[g + 1]}:", *steps[g]]
     return o + [f"{labels[0]}:"]
-
-
-def _load_groups_jump(regs: list[str], count: str, base: str, tag: str) -> list[str]:
-    """_load_groups by an indirect jump: `count` is already 0 where nothing is to be loaded."""
-    return _unrolled_from(count, tag, [[f"ld.global.nc.b32 {r}, [{base}+{128 * g}];"] for g, r in enumerate(regs)])
-
-
-def _scatter_jump(regs: list[str], count: str, tile: str, tag: str, value: str | None = None) -> list[str]:
-    """_scatter by an indirect jump."""
-    return _unrolled_from(count, tag, [[f"shr.u32 %so, {r}, 16;", f"add.u32 %so, %so, {tile};",
-                                        f"st.shared.b16 [%so], {value or r};"] for r in regs])
 
 
 @functools.cache
@@ -128,8 +124,9 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     tiles = range(rt)
     labels = itertools.count()  # jump tables and their targets: unique in the program (the body is unrolled)
 
-    def label() -> str:
-        return f"CMMA_J{next(labels)}"
+    def label() -> str | None:
+        """A fresh label for the next jump table (None: the guarded form)."""
+        return f"CMMA_J{next(labels)}" if jump else None
 
     # word registers of depth + 1 chunks per weight tile, and their counts
     sets = [[[f"%g{j}_{r}_{g}" for g in range(max_groups)] for r in tiles] for j in range(depth + 1)]
@@ -183,8 +180,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
             b += [f"setp.lt.u32 %pl, %t, {c1};", f"and.pred %pl, %pl, %pw{r};", f"mov.u32 {counts[j][r]}, 0;",
                   f"@%pl sub.u32 {counts[j][r]}, %eN{r}, %eS{r};", f"mul.wide.u32 %o64, %eS{r}, 128;",
                   f"add.s64 %ip, {items}, %o64;", "mul.wide.u32 %o64, %lane, 4;", "add.s64 %ip, %ip, %o64;"]
-            b += (_load_groups_jump(sets[j][r], counts[j][r], "%ip", label()) if jump else
-                  _load_groups(sets[j][r], counts[j][r], "%ip", "%pl"))
+            b += _load_groups(sets[j][r], counts[j][r], "%ip", "%pl", label())
         return b
 
     def next_end(ahead: int) -> list[str]:
@@ -235,14 +231,11 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
         # zeros where chunk c - 1's words went, before their registers are reloaded
         b = list(done)
         for r in tiles:
-            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + (
-                _scatter_jump(sets[nxt][r], counts[nxt][r], "%t", label(), "%z") if jump else
-                _scatter(sets[nxt][r], counts[nxt][r], "%t", "%z"))
+            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[nxt][r], counts[nxt][r], "%t", "%z", label())
         b += load
         b += ["bar.warp.sync 0xffffffff;"]  # the tiles are clear; scatter chunk c's words
         for r in tiles:
-            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + (
-                _scatter_jump(sets[j][r], counts[j][r], "%t", label()) if jump else _scatter(sets[j][r], counts[j][r], "%t"))
+            b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[j][r], counts[j][r], "%t", jump=label())
         # every warp's scatter of chunk c and every copy of x chunk c are done
         b += ["cp.async.wait_group 0;", "barrier.sync 0;"]
         if xbufs == 2:
