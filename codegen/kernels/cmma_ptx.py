@@ -34,7 +34,7 @@ from flashllm_compile.codegen.kernels.smma_ptx import ROW_BYTES, SMMA_TYPES, STA
 X_ROW_BYTES = TILE_ROW_BYTES  # a token's x chunk in shared memory, padded like a tile row (ldmatrix without conflicts)
 assert TILE_ROW_BYTES == X_ROW_BYTES == ROW_BYTES  # smma's tile rows: the ldmatrix / mma code is shared
 ROW_TILES = (1, 2, 4)  # weight tiles a warp may own
-MAX_PIECES = 16  # 16-byte pieces of an x chunk a thread copies (a 32-bit source offset each)
+MAX_PIECES = 16  # 16-byte pieces of an x chunk a thread copies (one unrolled cp.async each)
 
 
 def _smem_bytes(warps: int, rt: int, nt: int, x_buffers: int) -> int:
@@ -134,12 +134,11 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     per_tile = [f"%{name}{r}" for r in tiles for name in ("eS", "eN")]
     o = ["{", f".shared .align 16 .b8 flc_w[{warps * rt * TILE_BYTES}];",
          f".shared .align 16 .b8 flc_x[{xbufs * xtile}];",
-         ".reg .pred %pe, %pl, %pg, " + ", ".join(f"%pw{r}" for r in tiles) + ";",
-         ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %m, %tok, %tb, %zb, %sa, %so, %z;",
+         ".reg .pred %pe, %pl, %pg, %pc, " + ", ".join(f"%pw{r}" for r in tiles) + ";",
+         ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %nv, %xb, %xstep, %xo, %tb, %zb, %sa, %so, %z;",
          f".reg .b32 %xs, %xd, %xl, %xbuf, %a<4>, %e<4>, %b<{4 * nt}>, "
          + ", ".join([c for cs in counts for c in cs] + per_tile) + ";",
          *([".reg .b32 " + ", ".join(g for regs in sets for rs in regs for g in rs) + ";"] if max_groups else []),
-         ".reg .b32 " + ", ".join(f"%x{i}" for i in range(pieces)) + ";",
          ".reg .b64 %o64, %ip, %xc, " + ", ".join(f"%sp{r}" for r in tiles) + ";"]
     o += [f"mov.f32 ${i}, 0f00000000;" for i in range(acc)]
     o += ["griddepcontrol.launch_dependents;"] if pdl else []
@@ -164,13 +163,16 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
           # x pieces this thread copies: token rows tid / 16 + rows_per_piece j, 16 bytes at column 8 (tid % 16)
           "and.b32 %t, %th, 15;", "shr.u32 %t2, %th, 4;", "shl.b32 %t, %t, 4;",
           f"mad.lo.u32 %xd, %t2, {X_ROW_BYTES}, %t;", "mov.u32 %t, flc_x;", "add.u32 %xd, %xd, %t;",
-          f"add.u32 %m, {mm}, -1;", "and.b32 %t, %th, 15;", "shl.b32 %t, %t, 3;",
-          # %xc: x chunk c (advances 256 bytes a chunk); %x j: element offset of piece j in it (token clamped to
-          # M - 1: a padding token's B column only feeds its own D column, which is never stored)
-          f"mul.wide.u32 %o64, {c0}, {2 * CSL_CHUNK};", f"add.s64 %xc, {xp}, %o64;"]
-    for j in range(pieces):
-        o += [f"add.u32 %tok, {t0}, %t2;", f"add.u32 %tok, %tok, {rows_per_piece * j};", "min.u32 %tok, %tok, %m;",
-              f"mad.lo.u32 %x{j}, %tok, {sx}, %t;"]
+          "and.b32 %t, %th, 15;", "shl.b32 %t, %t, 3;",
+          # %xc: x chunk c (advances 256 bytes a chunk); piece j's element offset in it is %xb + j %xstep (token
+          # t0 + tid / 16 + rows_per_piece j, column 8 (tid % 16)).  Only the first %nv pieces (tokens < M) are copied: a padding token's B column only feeds its own D column, which is never
+          # stored, so its row may hold anything.  (Copying token M - 1's row in its place, 8 NT - M times a chunk,
+          # made M = 1 1.14-1.31x slower: H100, benchmarks/RESULTS.md idea 35.)
+          f"mul.wide.u32 %o64, {c0}, {2 * CSL_CHUNK};", f"add.s64 %xc, {xp}, %o64;",
+          # %nv = ceil((M - t0 - tid / 16) / rows_per_piece), at least 0
+          f"sub.s32 %nv, {mm}, {t0};", "sub.s32 %nv, %nv, %t2;", f"add.s32 %nv, %nv, {rows_per_piece - 1};",
+          "max.s32 %nv, %nv, 0;", f"shr.s32 %nv, %nv, {rows_per_piece.bit_length() - 1};",
+          f"add.u32 %xb, {t0}, %t2;", f"mad.lo.u32 %xb, %xb, {sx}, %t;", f"mul.lo.u32 %xstep, {sx}, {rows_per_piece};"]
 
     def load_chunk(j: int, ahead: int) -> list[str]:
         """Words of chunk c + `ahead` (tile r's segment from %eS_r to %eN_r) into sets[j], where that chunk is the
@@ -197,12 +199,13 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
         return [f"st.shared.v4.b32 [%zb+{r * TILE_BYTES + 16 * i}], {{%z, %z, %z, %z}};" for r in tiles for i in range(8)]
 
     def copy_x(dst: str, src_offset: int, pred: str | None) -> list[str]:
-        """This thread's pieces of an x chunk (source pointers + src_offset) to the x buffer at `dst`."""
-        guard = f"@{pred} " if pred else ""
+        """This thread's pieces of an x chunk (source pointers + src_offset) to the x buffer at `dst`: those of tokens
+        < M, where `pred`."""
         b = []
         for j in range(pieces):
-            b += [f"mul.wide.u32 %o64, %x{j}, 2;", "add.s64 %o64, %xc, %o64;",
-                  f"{guard}cp.async.cg.shared.global [{dst}+{rows_per_piece * j * X_ROW_BYTES}], [%o64+{src_offset}], 16;"]
+            b += [f"setp.gt.and.u32 %pc, %nv, {j}, {pred};" if pred else f"setp.gt.u32 %pc, %nv, {j};",
+                  f"mad.lo.u32 %xo, %xstep, {j}, %xb;", "mul.wide.u32 %o64, %xo, 2;", "add.s64 %o64, %xc, %o64;",
+                  f"@%pc cp.async.cg.shared.global [{dst}+{rows_per_piece * j * X_ROW_BYTES}], [%o64+{src_offset}], 16;"]
         return b + ["cp.async.commit_group;"]
 
     # prologue: words of chunks c0 .. c0 + depth - 1, the end of chunk c0 + depth's segment, x chunk c0 (when x is
