@@ -165,9 +165,10 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
           f"mad.lo.u32 %xd, %t2, {X_ROW_BYTES}, %t;", "mov.u32 %t, flc_x;", "add.u32 %xd, %xd, %t;",
           "and.b32 %t, %th, 15;", "shl.b32 %t, %t, 3;",
           # %xc: x chunk c (advances 256 bytes a chunk); piece j's element offset in it is %xb + j %xstep (token
-          # t0 + tid / 16 + rows_per_piece j, column 8 (tid % 16)).  Only the first %nv pieces (tokens < M) are copied: a padding token's B column only feeds its own D column, which is never
-          # stored, so its row may hold anything.  (Copying token M - 1's row in its place, 8 NT - M times a chunk,
-          # made M = 1 1.14-1.31x slower: H100, benchmarks/RESULTS.md idea 35.)
+          # t0 + tid / 16 + rows_per_piece j, column 8 (tid % 16)).  Only the first %nv pieces (tokens < M) are
+          # copied: a padding token's B column only feeds its own D column, which is never stored, so its row may
+          # hold anything.  (Copying token M - 1's row in its place, 8 NT - M times a chunk, made M = 1 1.14-1.31x
+          # slower: H100, benchmarks/RESULTS.md idea 35.)
           f"mul.wide.u32 %o64, {c0}, {2 * CSL_CHUNK};", f"add.s64 %xc, {xp}, %o64;",
           # %nv = ceil((M - t0 - tid / 16) / rows_per_piece), at least 0
           f"sub.s32 %nv, {mm}, {t0};", "sub.s32 %nv, %nv, %t2;", f"add.s32 %nv, %nv, {rows_per_piece - 1};",
