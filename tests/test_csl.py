@@ -143,18 +143,16 @@ def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_
         assert result["HMMA"] == chunks * 8 * nt * rt  # 8 k-steps a chunk, one MMA per weight tile and token tile
         # A: 2 ldmatrix.x4 per k-step pair and weight tile; B: 1 per token tile, shared by the weight tiles
         assert result["LDSM"] == chunks * (8 * rt + 4 * nt)
+        # two 16-bit stores per word register: its value, and its zero a chunk later (ptxas drops the zeros of a
+        # peeled first chunk, where no words went yet: its word count is a known 0)
+        stores = [chunks * rt * max_groups * 2, (chunks * 2 - 1) * rt * max_groups]
         if jump:
             # per tile: one indirect jump into the word loads of each prologue chunk, and three a chunk (loads,
-            # clear, scatter), each into max_groups unguarded steps; ptxas may fold the clear of a peeled first
-            # chunk away (its word count is a known 0), jump and stores
+            # clear, scatter), each into max_groups unguarded steps; a dropped first clear drops its jump too
             jumps = [rt * (depth + 3 * chunks), rt * (depth + 3 * chunks - 1)]
-            assert result["BRX"] + result["BRXU"] == jumps[result["STS.U16"] != chunks * rt * max_groups * 2], result
-            stores = [chunks * rt * max_groups * 2, (chunks * 2 - 1) * rt * max_groups]
+            assert result["BRX"] + result["BRXU"] == jumps[result["STS.U16"] != stores[0]], result
             assert result["STS.U16"] in stores and result["guarded STS.U16"] == 0, result
         else:
-            # two 16-bit stores per word register: its value, and its zero a chunk later (ptxas drops the zeros of
-            # a peeled first chunk, where no words went yet)
-            stores = [chunks * rt * max_groups * 2, (chunks * 2 - 1) * rt * max_groups]
             assert result["STS.U16"] in stores and result["guarded STS.U16"] == result["STS.U16"], result
         assert result["LDGSTS"] > 0  # x chunks copied asynchronously
 
