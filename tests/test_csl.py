@@ -3,6 +3,7 @@
   - a model of what the PTX does with the words (zero a [16, 128] tile, store each word's low half at its
     offset, for the groups a segment has) rebuilds every tile, with filler words only in the padding;
   - the bank-aware order keeps a group's stores near 2 wavefronts (row-major order: 2.5 at 80%, 3 at 90%);
+  - the x chunk's swizzle: copies and ldmatrix reads agree, without bank conflicts (evaluated from the PTX);
   - the program builds for sm_90 (no spills, the ldmatrix / MMA / barrier counts of its design, shared memory
     under the cap, one element per thread);
   - the launcher and tuner offer it only where it can run."""
@@ -171,6 +172,73 @@ def test_cmma_copies_x_rows_of_real_tokens_only():
             guard = next(line for line in reversed(lines[:i]) if line.startswith("setp.") and "%pc" in line)
             assert lines[i].startswith("@%pc ") and "%nv" in guard, (guard, lines[i])
         assert not any(line.startswith("min.u32") for line in lines)
+
+
+def _prologue_registers(lines: list[str], tid: int) -> dict[str, int]:
+    """The 32-bit registers cmma's prologue computes from %tid.x alone (shared-memory symbols at 0), by evaluating
+    its integer instructions; anything else (arguments, loads) is skipped and reads as unknown (None)."""
+    ops = {"mov": lambda a: a, "and": lambda a, b: a & b, "xor": lambda a, b: a ^ b, "add": lambda a, b: a + b,
+           "sub": lambda a, b: a - b, "shl": lambda a, b: a << b, "shr": lambda a, b: a >> b,
+           "mul": lambda a, b: a * b, "mad": lambda a, b, c: a * b + c, "bfe": lambda a, b, c: (a >> b) & ((1 << c) - 1)}
+    regs: dict[str, int | None] = {"%tid.x": tid, "flc_x": 0, "flc_w": 0}
+    for line in lines:
+        if line == "CMMA_LOOP:":
+            break
+        op, _, rest = line.rstrip(";").partition(" ")
+        if op.split(".")[0] not in ops or not op.endswith((".u32", ".b32")) or line.startswith("@"):
+            continue
+        dst, *srcs = [a.strip() for a in rest.split(",")]
+        vals = [regs.get(a) if a.startswith(("%", "flc_")) else (None if a.startswith("$") else int(a)) for a in srcs]
+        regs[dst] = None if None in vals else ops[op.split(".")[0]](*vals) & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("warps,nt", [(2, 1), (2, 4), (4, 1), (4, 8), (8, 2)])
+def test_cmma_x_copies_and_ldmatrix_agree_on_the_swizzle(warps, nt):
+    """x chunk layout (RESULTS.md idea 36): the ldmatrix address of token row 8 i + lane % 8, piece 4 p + lane / 8 is
+    where the cp.async of that row and piece wrote; each quarter warp's copies fill one aligned 128-byte line; each
+    ldmatrix phase (8 rows of one piece) hits 8 distinct 4-bank groups; and the tiles' first zeroing covers every
+    tile byte once, each quarter warp's 16-byte stores on 8 distinct bank groups.  Evaluated from the PTX text."""
+    import re
+
+    from flashllm_compile.codegen.kernels.cmma_ptx import X_ROW_BYTES, cmma_config_ok, cmma_ptx
+
+    if not cmma_config_ok(warps, 1, nt):
+        pytest.skip("no such program")
+    lines = [line.strip() for line in cmma_ptx(warps, 1, nt, "float16", 4).splitlines()]
+    threads, pieces = 32 * warps, 8 * nt * 16 // (32 * warps)
+    # the prologue's copy of x chunk c0 (xbuf 0): its first `pieces` cp.async, in piece order j
+    copies = [re.search(r"\[(%xa\d)\+(\d+)\]", line).groups() for line in lines if "cp.async.cg" in line][:pieces]
+    loads = [re.search(r"\[(%xl2?)\+(\d+)\]", line).groups() for line in lines
+             if line.startswith("ldmatrix") and "%xl" in line]
+    zeros = [re.search(r"\[(%z[bc])\+(\d+)\]", line).groups() for line in lines if line.startswith("st.shared.v4")]
+    regs = [_prologue_registers(lines, tid) for tid in range(threads)]
+    written = {}
+    for tid, r in enumerate(regs):
+        for j, (reg, off) in enumerate(copies):
+            row, piece = tid // 16 + threads // 16 * j, tid % 16
+            written[row, piece] = r[reg.replace("%xa", "%xd")] + int(off)
+    assert sorted(written.values()) == list(range(0, 8 * nt * X_ROW_BYTES, 16))  # one piece per 16 bytes
+    for tid0 in range(0, threads, 8):
+        for j in range(pieces):
+            lines128 = {written[t // 16 + threads // 16 * j, t % 16] // 128 for t in range(tid0, tid0 + 8)}
+            assert len(lines128) == 1, (tid0, j)
+    for xreg, off in loads[:4 * nt]:  # the first chunk's: every (p, i)
+        i, p = int(off) // (8 * X_ROW_BYTES), int(off) % (8 * X_ROW_BYTES) // 64
+        reg = {"%xl": "%xs", "%xl2": "%xs2"}[xreg]
+        for phase in range(4):
+            addrs = [regs[lane][reg] + int(off) for lane in range(8 * phase, 8 * phase + 8)]
+            assert addrs == [written[8 * i + lane % 8, 4 * p + lane // 8] for lane in range(8 * phase, 8 * phase + 8)]
+            assert len({a // 16 % 8 for a in addrs}) == 8, (p, i, phase)
+    assert len(zeros) == 8
+    for w in range(warps):
+        stored = sorted(regs[32 * w + lane][reg] + int(off) for lane in range(32) for reg, off in zeros)
+        base = w * TILE_BYTES
+        assert stored == [base + row * TILE_ROW_BYTES + 16 * q for row in range(CSL_ROWS) for q in range(16)]
+        for reg, off in zeros:
+            for phase in range(4):
+                addrs = [regs[32 * w + lane][reg] + int(off) for lane in range(8 * phase, 8 * phase + 8)]
+                assert len({a // 16 % 8 for a in addrs}) == 8, (w, reg, off, phase)
 
 
 def test_cmma_is_offered_only_where_it_can_run(monkeypatch):

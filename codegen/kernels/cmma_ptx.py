@@ -31,8 +31,13 @@ import itertools
 from flashllm_compile.codegen.formats.csl import CSL_CHUNK, TILE_BYTES, TILE_ROW_BYTES
 from flashllm_compile.codegen.kernels.smma_ptx import ROW_BYTES, SMMA_TYPES, STATIC_SMEM_MAX, ldmatrix_mma_chunk
 
-X_ROW_BYTES = TILE_ROW_BYTES  # a token's x chunk in shared memory, padded like a tile row (ldmatrix without conflicts)
-assert TILE_ROW_BYTES == X_ROW_BYTES == ROW_BYTES  # smma's tile rows: the ldmatrix / mma code is shared
+# A token's x chunk in shared memory: 256 bytes, unpadded, its 16-byte piece j stored at piece j ^ (token % 8), so
+# that ldmatrix's 8 token rows of one piece hit 8 distinct bank groups and every cp.async of a quarter warp fills one
+# aligned 128-byte line.  (Rows padded to 272 bytes, like the tiles, made each cp.async take ~2.6x its ideal shared
+# memory wavefronts, ncu; the swizzle made cmma 1.06x faster over 24 points, up to 1.24x at M = 64: H100,
+# benchmarks/RESULTS.md idea 36.)
+X_ROW_BYTES = 2 * CSL_CHUNK
+assert TILE_ROW_BYTES == ROW_BYTES  # smma's tile rows: the ldmatrix / mma code is shared
 ROW_TILES = (1, 2, 4)  # weight tiles a warp may own
 MAX_PIECES = 16  # 16-byte pieces of an x chunk a thread copies (one unrolled cp.async each)
 
@@ -135,8 +140,8 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     o = ["{", f".shared .align 16 .b8 flc_w[{warps * rt * TILE_BYTES}];",
          f".shared .align 16 .b8 flc_x[{xbufs * xtile}];",
          ".reg .pred %pe, %pl, %pg, %pc, " + ", ".join(f"%pw{r}" for r in tiles) + ";",
-         ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %nv, %xb, %xstep, %xo, %tb, %zb, %sa, %so, %z;",
-         f".reg .b32 %xs, %xd, %xl, %xbuf, %a<4>, %e<4>, %b<{4 * nt}>, "
+         ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %t3, %nv, %xb, %xstep, %xo, %tb, %zb, %zc, %sa, %so, %z;",
+         f".reg .b32 %xs, %xs2, %xl, %xl2, %xbuf, %xd<8>, %xa<8>, %a<4>, %e<4>, %b<{4 * nt}>, "
          + ", ".join([c for cs in counts for c in cs] + per_tile) + ";",
          *([".reg .b32 " + ", ".join(g for regs in sets for rs in regs for g in rs) + ";"] if max_groups else []),
          ".reg .b64 %o64, %ip, %xc, " + ", ".join(f"%sp{r}" for r in tiles) + ";"]
@@ -152,18 +157,28 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     o += [  # this warp's tile buffers; zero role: row lane / 2, half lane % 2
           "mov.u32 %tb, flc_w;", f"mad.lo.u32 %tb, %warp, {rt * TILE_BYTES}, %tb;",
           "shr.u32 %t, %lane, 1;", "and.b32 %t2, %lane, 1;", f"mad.lo.u32 %zb, %t, {TILE_ROW_BYTES}, %tb;",
-          "mad.lo.u32 %zb, %t2, 128, %zb;",
+          # odd lanes zero pieces 12..15 (%zb + 192 ..), then 8..11 (%zc + 64 ..) of the row, so the 8 lanes of a
+          # quarter warp hit 8 distinct groups of 4 banks (a row's two halves start on the same bank)
+          "mad.lo.u32 %zc, %t2, 64, %zb;", "mad.lo.u32 %zb, %t2, 192, %zb;",
           # ldmatrix.x4 address of A: row lane % 8 + 8 ((lane / 8) % 2), column 8 (lane / 16)
           "and.b32 %t, %lane, 7;", "bfe.u32 %t2, %lane, 3, 1;", "mad.lo.u32 %t, %t2, 8, %t;",
           f"mul.lo.u32 %t, %t, {TILE_ROW_BYTES};", "shr.u32 %t2, %lane, 4;", "mad.lo.u32 %t, %t2, 16, %t;",
           "add.u32 %sa, %tb, %t;",
-          # ldmatrix.x4 address of B (x chunk): token row 8 i + lane % 8, column 8 (lane / 8) (+ 32 p)
-          "and.b32 %t, %lane, 7;", f"mul.lo.u32 %t, %t, {X_ROW_BYTES};", "shr.u32 %t2, %lane, 3;",
-          "mad.lo.u32 %t, %t2, 16, %t;", "mov.u32 %xs, flc_x;", "add.u32 %xs, %xs, %t;",
-          # x pieces this thread copies: token rows tid / 16 + rows_per_piece j, 16 bytes at column 8 (tid % 16)
-          "and.b32 %t, %th, 15;", "shr.u32 %t2, %th, 4;", "shl.b32 %t, %t, 4;",
-          f"mad.lo.u32 %xd, %t2, {X_ROW_BYTES}, %t;", "mov.u32 %t, flc_x;", "add.u32 %xd, %xd, %t;",
-          "and.b32 %t, %th, 15;", "shl.b32 %t, %t, 3;",
+          # ldmatrix.x4 address of B (x chunk, X_ROW_BYTES): token row s = lane % 8 (+ 8 i), piece (4 p + lane / 8) ^ s,
+          # i.e. byte 64 (p ^ (s / 4)) + 16 ((lane / 8) ^ (s % 4)): %xs + 64 p for even p, %xs2 + 64 p for odd p
+          "and.b32 %t, %lane, 7;", "shr.u32 %t2, %lane, 3;", "and.b32 %t3, %t, 3;", "xor.b32 %t2, %t2, %t3;",
+          "shl.b32 %t2, %t2, 4;", f"mad.lo.u32 %t2, %t, {X_ROW_BYTES}, %t2;", "mov.u32 %t3, flc_x;",
+          "add.u32 %t2, %t2, %t3;", "shr.u32 %t, %t, 2;", "shl.b32 %t, %t, 6;", "add.u32 %xs, %t2, %t;",
+          "sub.u32 %xs2, %t2, %t;"]
+    # x pieces this thread copies: token rows tid / 16 + rows_per_piece j, piece tid % 16, stored at piece
+    # (tid % 16) ^ (row % 8): %xd<v> + rows_per_piece j X_ROW_BYTES, one register per value v = rows_per_piece j % 8
+    swz = sorted({rows_per_piece * j % 8 for j in range(pieces)})
+    o += ["and.b32 %t, %th, 15;", "shr.u32 %t2, %th, 4;", "mov.u32 %t3, flc_x;",
+          f"mad.lo.u32 %t3, %t2, {X_ROW_BYTES}, %t3;"]
+    for v in swz:
+        o += [f"add.u32 %xo, %t2, {v};", "and.b32 %xo, %xo, 7;", "xor.b32 %xo, %xo, %t;", "shl.b32 %xo, %xo, 4;",
+              f"add.u32 %xd{v}, %t3, %xo;"]
+    o += ["and.b32 %t, %th, 15;", "shl.b32 %t, %t, 3;",
           # %xc: x chunk c (advances 256 bytes a chunk); piece j's element offset in it is %xb + j %xstep (token
           # t0 + tid / 16 + rows_per_piece j, column 8 (tid % 16)).  Only the first %nv pieces (tokens < M) are
           # copied: a padding token's B column only feeds its own D column, which is never stored, so its row may
@@ -197,16 +212,18 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
 
     def zero_tiles() -> list[str]:
         """Zero this warp's tiles: 8 16-byte stores a lane and tile."""
-        return [f"st.shared.v4.b32 [%zb+{r * TILE_BYTES + 16 * i}], {{%z, %z, %z, %z}};" for r in tiles for i in range(8)]
+        return [f"st.shared.v4.b32 [{'%zb' if i < 4 else '%zc'}+{r * TILE_BYTES + 16 * i}], {{%z, %z, %z, %z}};"
+                for r in tiles for i in range(8)]
 
-    def copy_x(dst: str, src_offset: int, pred: str | None) -> list[str]:
-        """This thread's pieces of an x chunk (source pointers + src_offset) to the x buffer at `dst`: those of tokens
-        < M, where `pred`."""
-        b = []
+    def copy_x(dst: str | None, src_offset: int, pred: str | None) -> list[str]:
+        """This thread's pieces of an x chunk (source pointers + src_offset) to the x buffer at byte `dst` (a register,
+        None: 0): those of tokens < M, where `pred`."""
+        b = [f"add.u32 %xa{v}, %xd{v}, {dst};" if dst else f"mov.u32 %xa{v}, %xd{v};" for v in swz]
         for j in range(pieces):
             b += [f"setp.gt.and.u32 %pc, %nv, {j}, {pred};" if pred else f"setp.gt.u32 %pc, %nv, {j};",
                   f"mad.lo.u32 %xo, %xstep, {j}, %xb;", "mul.wide.u32 %o64, %xo, 2;", "add.s64 %o64, %xc, %o64;",
-                  f"@%pc cp.async.cg.shared.global [{dst}+{rows_per_piece * j * X_ROW_BYTES}], [%o64+{src_offset}], 16;"]
+                  f"@%pc cp.async.cg.shared.global [%xa{rows_per_piece * j % 8}+{rows_per_piece * j * X_ROW_BYTES}], "
+                  + f"[%o64+{src_offset}], 16;"]
         return b + ["cp.async.commit_group;"]
 
     # prologue: words of chunks c0 .. c0 + depth - 1, the end of chunk c0 + depth's segment, x chunk c0 (when x is
@@ -219,7 +236,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     o += next_end(depth)
     o += ["griddepcontrol.wait;"] if pdl else []  # from here on: x, and (after the program) the stores
     if xbufs == 2:
-        o += copy_x("%xd", 0, None)
+        o += copy_x(None, 0, None)
     # the tiles start zeroed; the set of chunk c0 - 1 holds no words
     o += zero_tiles() + [f"mov.u32 {count}, 0;" for count in counts[depth]]
 
@@ -229,7 +246,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
         load = load_chunk(nxt, depth) + next_end(depth + 1)
         if xbufs == 1:
             # every warp is done reading x chunk c - 1 (and this warp its tiles); then x chunk c into the buffer
-            done = ["barrier.sync 0;"] + copy_x("%xd", 0, None)
+            done = ["barrier.sync 0;"] + copy_x(None, 0, None)
         else:
             done = ["bar.warp.sync 0xffffffff;"]  # this warp's ldmatrix reads of its tiles (chunk c - 1) are done
         # zeros where chunk c - 1's words went, before their registers are reloaded
@@ -244,10 +261,11 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
         b += ["cp.async.wait_group 0;", "barrier.sync 0;"]
         if xbufs == 2:
             # x chunk c + 1 to the other buffer (the barrier also ended every read of it, by chunk c - 1's mma)
-            b += [f"xor.b32 %t, %xbuf, {xtile};", "add.u32 %t, %t, %xd;", "add.u32 %t2, %c, 1;",
+            b += [f"xor.b32 %t, %xbuf, {xtile};", "add.u32 %t2, %c, 1;",
                   f"setp.lt.u32 %pl, %t2, {c1};"] + copy_x("%t", 256, "%pl")
         b += [f"add.s64 %xc, %xc, {2 * CSL_CHUNK};"]
-        b += ["add.u32 %xl, %xs, %xbuf;"] + ldmatrix_mma_chunk("%sa", "%xl", nt, ty, rt, TILE_BYTES)
+        b += ["add.u32 %xl, %xs, %xbuf;", "add.u32 %xl2, %xs2, %xbuf;"]
+        b += ldmatrix_mma_chunk("%sa", "%xl", nt, ty, rt, TILE_BYTES, "%xl2", X_ROW_BYTES)
         if xbufs == 2:
             b += [f"xor.b32 %xbuf, %xbuf, {xtile};"]
         b += ["add.u32 %c, %c, 1;", f"setp.ge.u32 %pe, %c, {c1};", "@%pe bra CMMA_END;"]

@@ -109,14 +109,16 @@ def load_words(w: list[str], off: str, pred: str, bp: str = "%bp", opp: str = "%
         f"@{pred} ld.global.nc.v4.b32 {{{', '.join(w)}}}, [{bp}];", f"@{pred} ld.global.nc.b32 {off}, [{opp}];"]
 
 
-def ldmatrix_mma_chunk(tile: str, x: str, nt: int, ty: str, rt: int = 1, tile_stride: int = 0) -> list[str]:
+def ldmatrix_mma_chunk(tile: str, x: str, nt: int, ty: str, rt: int = 1, tile_stride: int = 0,
+                       x_odd: str | None = None, x_row_bytes: int = ROW_BYTES) -> list[str]:
     """One 128-column chunk on the tensor cores: per pair of k-steps and per weight tile r < `rt` (this lane's address
     in `tile` + r `tile_stride`, rows ROW_BYTES apart) two ldmatrix.x4 into %a / %e, and per 8-token tile i one
-    ldmatrix.x4 of the x chunk (at `x`, token rows ROW_BYTES apart; loaded once for all rt tiles) and two
-    mma.m16n8k16 accumulating into $4 (NT r + i) .. + 3 (`ty`: f16 / bf16).  B fragments: %b0..3 when rt = 1, else
-    %b(4 i) .. %b(4 i + 3) (the caller declares %b<4 NT>)."""
+    ldmatrix.x4 of the x chunk (at `x`, or at `x_odd` for odd pairs of k-steps when given; token rows `x_row_bytes`
+    apart; loaded once for all rt tiles) and two mma.m16n8k16 accumulating into $4 (NT r + i) .. + 3 (`ty`: f16 /
+    bf16).  B fragments: %b0..3 when rt = 1, else %b(4 i) .. %b(4 i + 3) (the caller declares %b<4 NT>)."""
     o = []
     for p in range(SMMA_CHUNK_K // 32):  # k-steps 2 p and 2 p + 1
+        xp = x_odd if x_odd and p % 2 else x
         for r in range(rt):
             a = r * tile_stride + 64 * p
             o += [f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%a0, %a1, %a2, %a3}}, [{tile}+{a}];",
@@ -127,7 +129,7 @@ def ldmatrix_mma_chunk(tile: str, x: str, nt: int, ty: str, rt: int = 1, tile_st
                 mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{d}}}"
                 if r == 0:
                     o.append(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(b)}}}, "
-                             f"[{x}+{8 * i * ROW_BYTES + 64 * p}];")
+                             f"[{xp}+{8 * i * x_row_bytes + 64 * p}];")
                 o += [f"{mma}, {{%a0, %a1, %a2, %a3}}, {{{b[0]}, {b[1]}}}, {{{d}}};",
                       f"{mma}, {{%e0, %e1, %e2, %e3}}, {{{b[2]}, {b[3]}}}, {{{d}}};"]
     return o
