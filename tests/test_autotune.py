@@ -15,36 +15,69 @@ def fmt():
     return BitmapWeight.from_dense(w, 32), w
 
 
-def fake_bench(times):
-    """Replace do_bench: run the candidate once (proves it runs) and return a chosen time per family."""
-    calls = []
+def fake_bench(times, monkeypatch):
+    """Replace bench_us: run the candidate (proves it runs) and return times(config, n), config None for dense and n
+    the how-many-th measurement of that candidate (1, 2, ...); records the configs measured, in order."""
+    calls, current = [], []
+    for family, launcher in list(autotune.LAUNCHERS.items()):
+        def recording(x, fmt, bias, config, launcher=launcher):
+            current.append(config)
+            return launcher(x, fmt, bias, config)
+
+        monkeypatch.setitem(autotune.LAUNCHERS, family, recording)
 
     def bench(fn):
-        calls.append(fn())
-        return times(len(calls))
+        current.clear()
+        fn()
+        config = current[0] if current else None
+        calls.append(config)
+        return times(config, calls.count(config))
 
-    return bench, calls
+    monkeypatch.setattr(autotune, "bench_us", bench)
+    return calls
+
+
+def confirmations(sparse_candidates: int, dense: bool = True) -> int:
+    """Extra measurements of the finalists (autotune.CONFIRM_TOP sparse ones, and dense)."""
+    return autotune.CONFIRM_REPEATS * (min(autotune.CONFIRM_TOP, sparse_candidates) + dense)
 
 
 def test_fastest_sparse_config_wins_and_is_cached(fmt, tmp_path, monkeypatch):
     fmt, w = fmt
-    bench, calls = fake_bench(lambda i: 100.0 if i == 1 else 50.0 - 0.01 * i)  # 1st call = dense
-    monkeypatch.setattr(autotune, "bench_us", bench)
+    configs = autotune.candidate_configs(4)
+    calls = fake_bench(lambda c, n: 100.0 if c is None else 50.0 - 0.01 * configs.index(c), monkeypatch)
     tuner = autotune.Autotuner()
     choice = tuner.choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
-    n_candidates = len(autotune.candidate_configs(4)) + 1
-    assert len(calls) == n_candidates and tuner.tunings == 1
-    assert choice.family == "mma" and choice.dense_us == 100.0  # the last candidate was the fastest
+    n_calls = len(configs) + 1 + confirmations(len(configs))
+    assert len(calls) == n_calls and tuner.tunings == 1
+    assert choice.config == configs[-1] and choice.dense_us == 100.0  # the last candidate was the fastest
     # same bucket (M=4), second process: answered from disk, nothing measured
     again = autotune.Autotuner()
     assert again.choose(fmt, 4, w, allow_dense=True, tune=True, cache_dir=str(tmp_path)) == choice
-    assert again.hits == 1 and again.tunings == 0 and len(calls) == n_candidates
+    assert again.hits == 1 and again.tunings == 0 and len(calls) == n_calls
+
+
+def test_one_low_measurement_does_not_win(fmt, tmp_path, monkeypatch):
+    """A candidate measured once far too low (a noisy flush subtraction) but slower on every re-measurement loses to
+    the one that is fastest on its median: the finalists are timed again (CONFIRM_REPEATS)."""
+    fmt, w = fmt
+    configs = autotune.candidate_configs(4)
+    lucky, steady = configs[0], configs[1]
+
+    def times(config, n):
+        if config is None:
+            return 100.0
+        return {lucky: 1.0 if n == 1 else 60.0, steady: 50.0}.get(config, 70.0)
+
+    calls = fake_bench(times, monkeypatch)
+    choice = autotune.Autotuner().choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    assert choice.config == steady and choice.time_us == 50.0
+    assert calls.count(lucky) == calls.count(steady) == calls.count(None) == 1 + autotune.CONFIRM_REPEATS
 
 
 def test_dense_wins_when_sparse_is_slower(fmt, tmp_path, monkeypatch):
     fmt, w = fmt
-    bench, _ = fake_bench(lambda i: 10.0 if i == 1 else 11.0)
-    monkeypatch.setattr(autotune, "bench_us", bench)
+    fake_bench(lambda c, n: 10.0 if c is None else 11.0, monkeypatch)
     choice = autotune.Autotuner().choose(fmt, 16, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     assert choice.family == "dense" and choice.config is None
 
@@ -53,12 +86,10 @@ def test_dense_wins_when_sparse_is_slower(fmt, tmp_path, monkeypatch):
 def test_near_tie_keeps_dense(fmt, tmp_path, monkeypatch, sparse_us, family):
     """A sparse kernel must beat dense by SPARSE_MIN_GAIN (5%) to be picked; without a dense weight it always is."""
     fmt, w = fmt
-    bench, _ = fake_bench(lambda i: 10.0 if i == 1 else sparse_us)
-    monkeypatch.setattr(autotune, "bench_us", bench)
+    fake_bench(lambda c, n: 10.0 if c is None else sparse_us, monkeypatch)
     choice = autotune.Autotuner().choose(fmt, 16, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     assert choice.family == family
-    bench, _ = fake_bench(lambda i: sparse_us)
-    monkeypatch.setattr(autotune, "bench_us", bench)
+    fake_bench(lambda c, n: sparse_us, monkeypatch)
     no_dense = autotune.Autotuner().choose(fmt, 16, None, allow_dense=False, tune=True, cache_dir=str(tmp_path / "b"))
     assert no_dense.family == "mma"
 
@@ -76,8 +107,7 @@ def test_corrupt_cache_warns_and_retunes(fmt, tmp_path, monkeypatch):
     tuner = autotune.Autotuner()
     path = tuner.cache_file(str(tmp_path), fmt.values.device)
     path.write_text("{not json")
-    bench, calls = fake_bench(lambda i: 1.0)
-    monkeypatch.setattr(autotune, "bench_us", bench)
+    calls = fake_bench(lambda c, n: 1.0, monkeypatch)
     with pytest.warns(UserWarning, match="unreadable autotune cache"):
         tuner.choose(fmt, 1, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     assert calls and json.loads(path.read_text())  # rewritten as valid JSON
@@ -85,7 +115,7 @@ def test_corrupt_cache_warns_and_retunes(fmt, tmp_path, monkeypatch):
 
 def test_clear_removes_files(fmt, tmp_path, monkeypatch):
     fmt, w = fmt
-    monkeypatch.setattr(autotune, "bench_us", fake_bench(lambda i: 1.0)[0])
+    fake_bench(lambda c, n: 1.0, monkeypatch)
     tuner = autotune.Autotuner()
     tuner.choose(fmt, 1, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
     assert list(tmp_path.glob("autotune-*.json"))
@@ -101,7 +131,7 @@ def test_m_buckets():
 def test_hit_path_touches_no_file(fmt, tmp_path, monkeypatch):
     """The op asks the tuner on every call: a hit must be a dict lookup (no cache-file path, no hashing)."""
     fmt, w = fmt
-    monkeypatch.setattr(autotune, "bench_us", fake_bench(lambda i: 1.0)[0])
+    fake_bench(lambda c, n: 1.0, monkeypatch)
     tuner = autotune.Autotuner()
     first = tuner.choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
 
