@@ -213,28 +213,34 @@ class Autotuner:
     def _measure(self, fmt: CompressedWeight, m: int, dense_weight: torch.Tensor | list[torch.Tensor] | None) -> Choice:
         m = m_bucket(m)
         x = torch.randn(m, fmt.k, device=fmt.device, dtype=fmt.dtype)
+        # on its own K: a sliced op's dense fallback runs the full weight on the full x
+        x_dense = torch.randn(m, dense_shape(dense_weight)[1], device=x.device, dtype=x.dtype) \
+            if dense_weight is not None else None
+
+        def time_of(config: TileConfig | None) -> float:
+            """One measurement of a sparse config, or of dense (None)."""
+            if config is None:
+                return bench_us(lambda: dense_linear(x_dense, dense_weight))
+            return bench_us(lambda: LAUNCHERS[config.family](x, fmt, None, config))
+
         timings: list[tuple[float, str, TileConfig | None]] = []
         dense_us = float("nan")
-        if dense_weight is not None:  # on its own K: a sliced op's dense fallback runs the full weight on the full x
-            x_dense = torch.randn(m, dense_shape(dense_weight)[1], device=x.device, dtype=x.dtype)
-            dense_us = bench_us(lambda: dense_linear(x_dense, dense_weight))
+        if dense_weight is not None:
+            dense_us = time_of(None)
             timings.append((dense_us, "dense", None))
-        def run(config: TileConfig) -> object:
-            return LAUNCHERS[config.family](x, fmt, None, config)
-
         for config in candidate_configs(m, fmt):
             try:
-                t = bench_us(lambda c=config: run(c))
+                t = time_of(config)
             except Exception as e:  # noqa: BLE001 -- e.g. a config needing more shared memory than this GPU has
                 log.debug("flashllm autotune: %s failed: %s", config.short(), e)
                 continue
             timings.append((t, config.family, config))
         if not timings:
             raise RuntimeError(f"flashllm: no kernel config could run for {fmt.n}x{fmt.k}, M={m}")
-        finalists = sorted((t for t in timings if t[2] is not None), key=lambda t: t[0])[:CONFIRM_TOP] + [t for t in timings if t[2] is None]
-        timings = [(statistics.median([t] + [bench_us((lambda c=config: run(c)) if config else
-                                                      (lambda: dense_linear(x_dense, dense_weight)))
-                                             for _ in range(CONFIRM_REPEATS)]), family, config)
+        # the finalists (the CONFIRM_TOP fastest sparse candidates, and dense) by the median of 1 + CONFIRM_REPEATS
+        sparse = sorted((t for t in timings if t[2] is not None), key=lambda t: t[0])
+        finalists = sparse[:CONFIRM_TOP] + [t for t in timings if t[2] is None]
+        timings = [(statistics.median([t] + [time_of(config) for _ in range(CONFIRM_REPEATS)]), family, config)
                    for t, family, config in finalists]
         dense_us = next((t for t, _, config in timings if config is None), dense_us)
         best = min(timings, key=lambda t: t[0])
