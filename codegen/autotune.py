@@ -237,11 +237,22 @@ class Autotuner:
             timings.append((t, config.family, config))
         if not timings:
             raise RuntimeError(f"flashllm: no kernel config could run for {fmt.n}x{fmt.k}, M={m}")
+
+        def confirmed(first: float, config: TileConfig | None) -> float:
+            """The median of `first` and CONFIRM_REPEATS more measurements (those that run)."""
+            times = [first]
+            for _ in range(CONFIRM_REPEATS):
+                try:
+                    times.append(time_of(config))
+                except Exception as e:  # noqa: BLE001 -- it ran once; keep the measurements it gave
+                    log.debug("flashllm autotune: re-timing %s failed: %s", config.short() if config else "dense", e)
+                    break
+            return statistics.median(times)
+
         # the finalists (the CONFIRM_TOP fastest sparse candidates, and dense) by the median of 1 + CONFIRM_REPEATS
         sparse = sorted((t for t in timings if t[2] is not None), key=lambda t: t[0])
         finalists = sparse[:CONFIRM_TOP] + [t for t in timings if t[2] is None]
-        timings = [(statistics.median([t] + [time_of(config) for _ in range(CONFIRM_REPEATS)]), family, config)
-                   for t, family, config in finalists]
+        timings = [(confirmed(t, config), family, config) for t, family, config in finalists]
         dense_us = next((t for t, _, config in timings if config is None), dense_us)
         best = min(timings, key=lambda t: t[0])
         if best[1] != "dense" and best[0] * SPARSE_MIN_GAIN > dense_us:  # a near-tie: keep the dense op

@@ -75,6 +75,23 @@ def test_one_low_measurement_does_not_win(fmt, tmp_path, monkeypatch):
     assert calls.count(lucky) == calls.count(steady) == calls.count(None) == 1 + autotune.CONFIRM_REPEATS
 
 
+def test_a_finalist_failing_its_re_timing_keeps_its_first_measurement(fmt, tmp_path, monkeypatch):
+    """A re-timing that raises (e.g. out of memory) does not fail the tuning: the candidate keeps the measurements it
+    gave."""
+    fmt, w = fmt
+    configs = autotune.candidate_configs(4)
+    fastest = configs[-1]
+
+    def times(config, n):
+        if config == fastest and n > 1:
+            raise RuntimeError("out of memory")
+        return 100.0 if config is None else (40.0 if config == fastest else 50.0)
+
+    calls = fake_bench(times, monkeypatch)
+    choice = autotune.Autotuner().choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    assert choice.config == fastest and choice.time_us == 40.0 and calls.count(fastest) == 2
+
+
 def test_dense_wins_when_sparse_is_slower(fmt, tmp_path, monkeypatch):
     fmt, w = fmt
     fake_bench(lambda c, n: 10.0 if c is None else 11.0, monkeypatch)
