@@ -217,43 +217,43 @@ class Autotuner:
         x_dense = torch.randn(m, dense_shape(dense_weight)[1], device=x.device, dtype=x.dtype) \
             if dense_weight is not None else None
 
-        def time_of(config: TileConfig | None) -> float:
-            """One measurement of a sparse config, or of dense (None)."""
-            if config is None:
-                return bench_us(lambda: dense_linear(x_dense, dense_weight))
-            return bench_us(lambda: LAUNCHERS[config.family](x, fmt, None, config))
+        def dense_call() -> torch.Tensor:
+            return dense_linear(x_dense, dense_weight)
+
+        def time_of(config: TileConfig | None) -> float | None:
+            """One measurement of a sparse config, or of dense (None); None where it cannot run (e.g. a config needing
+            more shared memory than this GPU has)."""
+            try:
+                return bench_us(dense_call if config is None else lambda: LAUNCHERS[config.family](x, fmt, None, config))
+            except Exception as e:  # noqa: BLE001 -- reported; the candidate is dropped, or keeps what it measured
+                log.debug("flashllm autotune: %s failed: %s", config.short() if config else "dense", e)
+                return None
 
         timings: list[tuple[float, str, TileConfig | None]] = []
-        dense_us = float("nan")
-        if dense_weight is not None:
-            dense_us = time_of(None)
-            timings.append((dense_us, "dense", None))
+        if dense_weight is not None:  # dense not running is an error, not a dropped candidate
+            timings.append((bench_us(dense_call), "dense", None))
         for config in candidate_configs(m, fmt):
-            try:
-                t = time_of(config)
-            except Exception as e:  # noqa: BLE001 -- e.g. a config needing more shared memory than this GPU has
-                log.debug("flashllm autotune: %s failed: %s", config.short(), e)
-                continue
-            timings.append((t, config.family, config))
+            t = time_of(config)
+            if t is not None:
+                timings.append((t, config.family, config))
         if not timings:
             raise RuntimeError(f"flashllm: no kernel config could run for {fmt.n}x{fmt.k}, M={m}")
 
         def confirmed(first: float, config: TileConfig | None) -> float:
-            """The median of `first` and CONFIRM_REPEATS more measurements (those that run)."""
+            """The median of `first` and CONFIRM_REPEATS more measurements (those that run: it ran once)."""
             times = [first]
             for _ in range(CONFIRM_REPEATS):
-                try:
-                    times.append(time_of(config))
-                except Exception as e:  # noqa: BLE001 -- it ran once; keep the measurements it gave
-                    log.debug("flashllm autotune: re-timing %s failed: %s", config.short() if config else "dense", e)
+                t = time_of(config)
+                if t is None:
                     break
+                times.append(t)
             return statistics.median(times)
 
         # the finalists (the CONFIRM_TOP fastest sparse candidates, and dense) by the median of 1 + CONFIRM_REPEATS
         sparse = sorted((t for t in timings if t[2] is not None), key=lambda t: t[0])
         finalists = sparse[:CONFIRM_TOP] + [t for t in timings if t[2] is None]
         timings = [(confirmed(t, config), family, config) for t, family, config in finalists]
-        dense_us = next((t for t, _, config in timings if config is None), dense_us)
+        dense_us = next((t for t, _, config in timings if config is None), float("nan"))
         best = min(timings, key=lambda t: t[0])
         if best[1] != "dense" and best[0] * SPARSE_MIN_GAIN > dense_us:  # a near-tie: keep the dense op
             best = (dense_us, "dense", None)

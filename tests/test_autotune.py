@@ -37,9 +37,9 @@ def fake_bench(times, monkeypatch):
     return calls
 
 
-def confirmations(sparse_candidates: int, dense: bool = True) -> int:
+def confirmations(sparse_candidates: int) -> int:
     """Extra measurements of the finalists (autotune.CONFIRM_TOP sparse ones, and dense)."""
-    return autotune.CONFIRM_REPEATS * (min(autotune.CONFIRM_TOP, sparse_candidates) + dense)
+    return autotune.CONFIRM_REPEATS * (min(autotune.CONFIRM_TOP, sparse_candidates) + 1)
 
 
 def test_fastest_sparse_config_wins_and_is_cached(fmt, tmp_path, monkeypatch):
