@@ -178,7 +178,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     for v in swz:
         o += [f"add.u32 %xo, %t2, {v};", "and.b32 %xo, %xo, 7;", "xor.b32 %xo, %xo, %t;", "shl.b32 %xo, %xo, 4;",
               f"add.u32 %xd{v}, %t3, %xo;"]
-    o += ["and.b32 %t, %th, 15;", "shl.b32 %t, %t, 3;",
+    o += ["shl.b32 %t, %t, 3;",  # %t: tid % 16 (from above)
           # %xc: x chunk c (advances 256 bytes a chunk); piece j's element offset in it is %xb + j %xstep (token
           # t0 + tid / 16 + rows_per_piece j, column 8 (tid % 16)).  Only the first %nv pieces (tokens < M) are
           # copied: a padding token's B column only feeds its own D column, which is never stored, so its row may
