@@ -86,8 +86,9 @@ def configs_for(m: int, which: str, families: list[str] | None = None) -> list:
     return picked
 
 
-def case_plan(set_name: str, m_values=None, dtypes=None, families=None) -> list[tuple]:
-    """[(shape name, N, K, chunk_k, dtype name, M, config)] of a case set (cmma: fp16 / bf16 only)."""
+def case_plan(set_name: str, m_values=None, dtypes=None, families=None, config_filter=None) -> list[tuple]:
+    """[(shape name, N, K, chunk_k, dtype name, M, config)] of a case set (cmma: fp16 / bf16 only); config_filter:
+    only configs whose short name contains it (e.g. "wsplit")."""
     shapes, chunks, ms, dts, which = CASE_SETS[set_name]
     plan = []
     for name, (n, k) in shapes.items():
@@ -95,7 +96,8 @@ def case_plan(set_name: str, m_values=None, dtypes=None, families=None) -> list[
             for dtype in dtypes or dts:
                 for m in m_values or ms:
                     plan += [(name, n, k, chunk_k, dtype, m, c) for c in configs_for(m, which, families)
-                             if c.family != CSL_FAMILY or dtype != "float32"]
+                             if (c.family != CSL_FAMILY or dtype != "float32")
+                             and (not config_filter or config_filter in c.short())]
     return plan
 
 
@@ -188,6 +190,8 @@ def child_command(set_name: str, args, tool: str | None = None) -> list[str]:
         child += ["--dtypes", *args.dtypes]
     if args.families:
         child += ["--families", *args.families]
+    if args.configs:
+        child += ["--configs", args.configs]
     return child
 
 
@@ -231,7 +235,7 @@ def under_sanitizer(args) -> int:
     env.pop("TRITON_INTERPRET", None)
     for tool in args.tools:
         set_name = args.set or TOOL_SET[tool]
-        n_cases = len(case_plan(set_name, args.m, args.dtypes, args.families))
+        n_cases = len(case_plan(set_name, args.m, args.dtypes, args.families, args.configs))
         cmd = sanitizer_command(tool, exe, set_name, args, "--kernel-name" in help_text)
         print(" ".join(cmd), flush=True)
         if args.dry_run:
@@ -290,6 +294,7 @@ def main() -> int:
     parser.add_argument("--families", nargs="+", default=None,
                         help="only these kernel families (default: the bitmap's; cmma, the Tiled-CSL one, runs only "
                              "when named: the sanitizer's kernel filter takes one name)")
+    parser.add_argument("--configs", default=None, help="only tile configs whose short name contains this")
     parser.add_argument("--under-sanitizer", action="store_true", help="re-run under compute-sanitizer, per tool")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--sanitizer", default=os.environ.get("COMPUTE_SANITIZER", "compute-sanitizer"))
@@ -305,7 +310,7 @@ def main() -> int:
     if args.under_sanitizer:
         return under_sanitizer(args)
     set_name = args.set or ("tiny" if args.interpret else "full")
-    plan = case_plan(set_name, args.m, args.dtypes, args.families)
+    plan = case_plan(set_name, args.m, args.dtypes, args.families, args.configs)
     if args.dry_run:
         families = sorted({c.family for *_, c in plan})
         print(f"set {set_name}: {len(plan)} cases; families {families}; "

@@ -181,7 +181,22 @@ def test_sanitizer_filter_never_hides_a_requested_family(families, expected):
 
     import sanitize
 
-    args = argparse.Namespace(all_kernels=False, families=families, m=None, dtypes=None, out="out")
+    args = argparse.Namespace(all_kernels=False, families=families, m=None, dtypes=None, out="out", configs=None)
     cmd = sanitize.sanitizer_command("memcheck", "compute-sanitizer", "tiny", args, True)
     found = cmd[cmd.index("--kernel-name") + 1] if "--kernel-name" in cmd else None
     assert found == expected
+
+
+def test_sanitizer_config_filter_reaches_the_child():
+    """benchmarks/sanitize.py --configs: only the tile configs whose short name contains it, in the plan and in the
+    command the sanitizer runs (the child builds its own plan)."""
+    import argparse
+
+    import sanitize
+
+    everything = sanitize.case_plan("tiny")
+    some = sanitize.case_plan("tiny", config_filter="rowwalk")
+    assert some and len(some) < len(everything) and all("rowwalk" in c.short() for *_, c in some)
+    args = argparse.Namespace(all_kernels=False, families=None, m=None, dtypes=None, out="out", configs="rowwalk")
+    cmd = sanitize.sanitizer_command("racecheck", "compute-sanitizer", "tiny", args, True)
+    assert cmd[cmd.index("--configs") + 1] == "rowwalk"

@@ -265,6 +265,7 @@ def test_cmma_warp_split_sums_every_warp_once_in_warp_order(warps, rt, nt):
     """warp_split: after the loop each warp > 0 stores accumulator q of lane l inside its own tile buffers (which only
     it used), and warp 0 adds, for q in order of warps 1, 2, ..., the value stored at the same place: every other
     warp's partial sum exactly once, in a fixed order (deterministic).  Evaluated from the PTX text."""
+    import itertools
     import re
 
     from flashllm_compile.codegen.kernels.cmma_ptx import cmma_ptx
@@ -275,8 +276,10 @@ def test_cmma_warp_split_sums_every_warp_once_in_warp_order(warps, rt, nt):
     stores = {int(q): int(off) for off, q in (re.match(r"@%pe st\.shared\.f32 \[%t\+(\d+)\], \$(\d+);", line).groups()
                                               for line in tail if "st.shared.f32" in line)}
     assert sorted(stores) == list(range(acc)) and tail.count("barrier.sync 0;") == 1
+    first_store = next(i for i, line in enumerate(tail) if "st.shared.f32" in line)
+    assert "bar.warp.sync 0xffffffff;" in tail[:first_store]  # the warp's last ldmatrix reads of its tiles are done
     adds = [(int(re.search(r"\[%t\+(\d+)\]", load).group(1)), int(re.match(r"add\.f32 \$(\d+)", add).group(1)))
-            for load, add in zip(tail, tail[1:]) if load.startswith("ld.shared.f32 %fa") and add.startswith("add.f32")]
+            for load, add in itertools.pairwise(tail) if load.startswith("ld.shared.f32 %fa") and add.startswith("add.f32")]
     assert len(adds) == acc * (warps - 1)
     regs = [_prologue_registers(lines, tid) for tid in range(32 * warps)]
     for i, (off, q) in enumerate(adds):

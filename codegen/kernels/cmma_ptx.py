@@ -258,7 +258,10 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     # the tiles start zeroed; the set of chunk c0 - 1 holds no words
     o += zero_tiles() + [f"mov.u32 {count}, 0;" for count in counts[depth]]
 
-    sync = "bar.warp.sync 0xffffffff;" if warp_split else "barrier.sync 0;"  # x chunk readers: the warp, the program
+    # who reads an x chunk: the warp (warp_split: ptxas drops the warp sync in this convergent code, and racecheck,
+    # which sees no instruction, still reports nothing; a named barrier a warp instead measured 4% slower, H100,
+    # benchmarks/RESULTS.md idea 42), or the program
+    sync = "bar.warp.sync 0xffffffff;" if warp_split else "barrier.sync 0;"
 
     def body(j: int) -> list[str]:
         """Chunk c, whose words are in sets[j]; chunk c + depth's go to the set chunk c - 1 used."""
@@ -297,7 +300,9 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     if warp_split and warps > 1:
         # warps 1..: accumulator q of each lane to 4 (32 q + lane) of the warp's own tile buffers (done with them;
         # 512 NT RT <= 4352 RT bytes); warp 0 adds them in warp order (deterministic)
-        o += ["mad.lo.u32 %t, %lane, 4, %tb;", "setp.ne.u32 %pe, %warp, 0;"]
+        # (after the warp's last ldmatrix reads of its tiles: without this sync racecheck reported intra-warp WAR
+        # hazards there)
+        o += ["bar.warp.sync 0xffffffff;", "mad.lo.u32 %t, %lane, 4, %tb;", "setp.ne.u32 %pe, %warp, 0;"]
         o += [f"@%pe st.shared.f32 [%t+{128 * q}], ${q};" for q in range(acc)]
         o += ["barrier.sync 0;", "@%pe bra CMMA_DONE;", "mov.u32 %t, flc_w;", "mad.lo.u32 %t, %lane, 4, %t;"]
         for w in range(1, warps):
