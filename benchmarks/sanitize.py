@@ -10,6 +10,9 @@ NVIDIA compute-sanitizer (memcheck, racecheck, initcheck).
     python benchmarks/sanitize.py --dry-run [--under-sanitizer]   # list the cases (and commands); runs nothing
     python benchmarks/sanitize.py --under-sanitizer --families cmma   # the Tiled-CSL kernel (on its own: the
                                                            # sanitizer's kernel filter takes one name)
+    python benchmarks/sanitize.py --under-sanitizer --families cmma --configs jump --m 3   # a subset that fits
+                                                           # one device command (racecheck of every cmma config
+                                                           # does not)
 
 Per case (shape, chunk width, dtype, M, tile config): the launcher's output against the fp32 dense reference on
 the same pruned weight, element by element (bound: output rounding + fp32 accumulation), and no NaN.  Without a
@@ -88,7 +91,7 @@ def configs_for(m: int, which: str, families: list[str] | None = None) -> list:
 
 def case_plan(set_name: str, m_values=None, dtypes=None, families=None, config_filter=None) -> list[tuple]:
     """[(shape name, N, K, chunk_k, dtype name, M, config)] of a case set (cmma: fp16 / bf16 only); config_filter:
-    only configs whose short name contains it (e.g. "wsplit")."""
+    only configs whose short name contains it (e.g. "jump", "SK=1")."""
     shapes, chunks, ms, dts, which = CASE_SETS[set_name]
     plan = []
     for name, (n, k) in shapes.items():
