@@ -77,15 +77,16 @@ from flashllm_compile.codegen.kernels.cmma_ptx import cmma_constraints, cmma_ptx
 
 warps, rt, block_m, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 partials, max_groups, depth, workdir = sys.argv[5] == "1", int(sys.argv[6]), int(sys.argv[7]), Path(sys.argv[8])
-jump = sys.argv[9] == "1"
+jump, split = sys.argv[9] == "1", sys.argv[10] == "1"
 nt = block_m // 8
 ty = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
 signature = {"x_ptr": f"*{ty}", "items_ptr": "*i32", "seg_ptr": "*i32", "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}",
              "out_ptr": "*fp32" if partials else f"*{ty}", "M": "i32", "N": "i32", "stride_xm": "i32",
              "stride_om": "i32", "stride_os": "i32", "chunks_per_split": "i32", "num_chunks": "i32"}
 constants = {"HAS_BIAS": not partials, "PARTIALS": partials, "ACT": 0 if partials else 1,
-             "HAS_RESIDUAL": not partials, "BLOCK_N": 16 * warps * rt, "BLOCK_M": block_m, "RT": rt,
-             "ASM": cmma_ptx(warps, rt, nt, dtype, max_groups, depth, jump=jump),
+             "HAS_RESIDUAL": not partials, "BLOCK_N": 16 * (1 if split else warps) * rt, "BLOCK_M": block_m,
+             "RT": rt, "THREADS": 32 * warps, "WARP_SPLIT": split,
+             "ASM": cmma_ptx(warps, rt, nt, dtype, max_groups, depth, jump=jump, warp_split=split),
              "CONSTRAINTS": cmma_constraints(nt, rt)}
 signature.update({name: "constexpr" for name in constants})
 kernel = triton.compile(ASTSource(_csl_mma_kernel, signature, constexprs=constants),
@@ -94,10 +95,11 @@ kernel = triton.compile(ASTSource(_csl_mma_kernel, signature, constexprs=constan
 
 
 def compile_cmma(warps: int, rt: int, block_m: int, dtype: str, partials: bool, max_groups: int, depth: int,
-                 tmp_path, jump: bool = False) -> dict:
-    """compile_program for the Tiled-CSL program (its own Triton kernel around the PTX; warps own rt tiles)."""
-    return _run_child(CMMA_CHILD, [warps, rt, block_m, dtype, int(partials), max_groups, depth, tmp_path, int(jump)],
-                      tmp_path)
+                 tmp_path, jump: bool = False, warp_split: bool = False) -> dict:
+    """compile_program for the Tiled-CSL program (its own Triton kernel around the PTX; warps own rt tiles, the
+    same ones with `warp_split`)."""
+    return _run_child(CMMA_CHILD, [warps, rt, block_m, dtype, int(partials), max_groups, depth, tmp_path, int(jump),
+                                   int(warp_split)], tmp_path)
 
 
 def _run_child(child_source: str, args: list, tmp_path) -> dict:

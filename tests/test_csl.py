@@ -118,29 +118,37 @@ def test_bank_aware_order_cuts_the_scatter_wavefronts(sparsity, bound):
     assert fmt.bank_conflicts() == pytest.approx(ordered)
 
 
-@pytest.mark.parametrize("warps, rt, block_m, dtype, partials, depth, max_groups, jump", [
-    (2, 1, 8, "float16", False, 2, 16, False), (4, 1, 16, "bfloat16", True, 1, 16, False),
-    (2, 2, 32, "float16", True, 1, 16, False), (4, 1, 64, "float16", False, 1, 24, False),
-    (4, 2, 8, "bfloat16", True, 1, 12, False), (2, 2, 64, "float16", False, 1, 12, False),
-    (4, 2, 32, "float16", False, 1, 16, False), (2, 1, 64, "bfloat16", False, 1, 32, False),
-    (4, 1, 8, "float16", True, 1, 24, True), (4, 2, 32, "float16", False, 1, 16, True),
-    (2, 2, 64, "bfloat16", True, 1, 12, True), (2, 1, 8, "float16", False, 2, 16, True)])
-def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_groups, jump, tmp_path):
+@pytest.mark.parametrize("warps, rt, block_m, dtype, partials, depth, max_groups, jump, split", [
+    (2, 1, 8, "float16", False, 2, 16, False, False), (4, 1, 16, "bfloat16", True, 1, 16, False, False),
+    (2, 2, 32, "float16", True, 1, 16, False, False), (4, 1, 64, "float16", False, 1, 24, False, False),
+    (4, 2, 8, "bfloat16", True, 1, 12, False, False), (2, 2, 64, "float16", False, 1, 12, False, False),
+    (4, 2, 32, "float16", False, 1, 16, False, False), (2, 1, 64, "bfloat16", False, 1, 32, False, False),
+    (4, 1, 8, "float16", True, 1, 24, True, False), (4, 2, 32, "float16", False, 1, 16, True, False),
+    (2, 2, 64, "bfloat16", True, 1, 12, True, False), (2, 1, 8, "float16", False, 2, 16, True, False),
+    (4, 1, 8, "float16", False, 1, 16, False, True), (2, 2, 16, "bfloat16", True, 1, 12, True, True),
+    (2, 2, 8, "float16", True, 1, 16, True, True), (4, 1, 16, "float16", False, 1, 16, True, True)])
+def test_cmma_compiles_for_sm90(warps, rt, block_m, dtype, partials, depth, max_groups, jump, split, tmp_path):
     from ptx_program import assert_one_element_per_thread, compile_cmma
 
     from flashllm_compile.codegen.kernels.cmma_ptx import STATIC_SMEM_MAX, cmma_smem_bytes, cmma_x_buffers
 
     nt = block_m // 8
-    result = compile_cmma(warps, rt, block_m, dtype, partials, max_groups, depth, tmp_path, jump)
+    result = compile_cmma(warps, rt, block_m, dtype, partials, max_groups, depth, tmp_path, jump, split)
     assert_one_element_per_thread(result, warps)
-    assert result["shared"] == cmma_smem_bytes(warps, rt, nt) <= STATIC_SMEM_MAX
+    assert result["shared"] == cmma_smem_bytes(warps, rt, nt, split) <= STATIC_SMEM_MAX
     if "spills" in result:
         assert not result["spills"], "the cmma program spills registers to local memory"
         # the loop body is unrolled once per word-register set (depth + 1 chunks), and ptxas may emit the loop
-        # twice (a peeled first iteration); each chunk has one block barrier (x double-buffered) or two (single)
-        barriers = 3 - cmma_x_buffers(warps, rt, nt)
-        chunks = result["BAR.SYNC"] // barriers
-        assert chunks in (depth + 1, 2 * (depth + 1)) and result["BAR.SYNC"] % barriers == 0, result
+        # twice (a peeled first iteration); each chunk has one block barrier (x double-buffered) or two (single).
+        # Warps splitting the chunks have none in the loop (warp syncs only), one before warp 0 sums.
+        if split:
+            assert result["BAR.SYNC"] == 1, result
+            chunks = result["HMMA"] // (8 * nt * rt)
+        else:
+            barriers = 3 - cmma_x_buffers(warps, rt, nt)
+            chunks = result["BAR.SYNC"] // barriers
+            assert result["BAR.SYNC"] % barriers == 0, result
+        assert chunks in (depth + 1, 2 * (depth + 1)), result
         assert result["HMMA"] == chunks * 8 * nt * rt  # 8 k-steps a chunk, one MMA per weight tile and token tile
         # A: 2 ldmatrix.x4 per k-step pair and weight tile; B: 1 per token tile, shared by the weight tiles
         assert result["LDSM"] == chunks * (8 * rt + 4 * nt)
@@ -193,42 +201,54 @@ def _prologue_registers(lines: list[str], tid: int) -> dict[str, int]:
     return regs
 
 
-@pytest.mark.parametrize("warps,nt", [(2, 1), (2, 4), (4, 1), (4, 8), (8, 2)])
-def test_cmma_x_copies_and_ldmatrix_agree_on_the_swizzle(warps, nt):
+@pytest.mark.parametrize("warps,nt,split", [(2, 1, False), (2, 4, False), (4, 1, False), (4, 8, False),
+                                            (8, 2, False), (2, 1, True), (4, 2, True), (2, 4, True)])
+def test_cmma_x_copies_and_ldmatrix_agree_on_the_swizzle(warps, nt, split):
     """x chunk layout (RESULTS.md idea 36): the ldmatrix address of token row 8 i + lane % 8, piece 4 p + lane / 8 is
     where the cp.async of that row and piece wrote; each quarter warp's copies fill one aligned 128-byte line; each
     ldmatrix phase (8 rows of one piece) hits 8 distinct 4-bank groups; and the tiles' first zeroing covers every
-    tile byte once, each quarter warp's 16-byte stores on 8 distinct bank groups.  Evaluated from the PTX text."""
+    tile byte once, each quarter warp's 16-byte stores on 8 distinct bank groups.  With the warps splitting the
+    chunks (`split`), each warp copies and reads its own x buffers.  Evaluated from the PTX text."""
     import re
 
-    from flashllm_compile.codegen.kernels.cmma_ptx import X_ROW_BYTES, cmma_config_ok, cmma_ptx
+    from flashllm_compile.codegen.kernels.cmma_ptx import X_ROW_BYTES, cmma_config_ok, cmma_ptx, cmma_x_buffers
 
-    assert cmma_config_ok(warps, 1, nt)  # every parameter set is a program cmma builds
-    lines = [line.strip() for line in cmma_ptx(warps, 1, nt, "float16", 4).splitlines()]
-    threads, pieces = 32 * warps, 8 * nt * 16 // (32 * warps)
+    assert cmma_config_ok(warps, 1, nt, split)  # every parameter set is a program cmma builds
+    lines = [line.strip() for line in cmma_ptx(warps, 1, nt, "float16", 4, warp_split=split).splitlines()]
+    # the threads that copy one x chunk together (a warp, or the program), their x buffers' stride
+    group = 32 if split else 32 * warps
+    stride = cmma_x_buffers(warps, 1, nt, split) * 8 * nt * X_ROW_BYTES
+    threads, pieces = 32 * warps, 8 * nt * 16 // group
     # the prologue's copy of x chunk c0 (xbuf 0): its first `pieces` cp.async, in piece order j
     copies = [re.search(r"\[(%xa\d)\+(\d+)\]", line).groups() for line in lines if "cp.async.cg" in line][:pieces]
     loads = [re.search(r"\[(%xl2?)\+(\d+)\]", line).groups() for line in lines
              if line.startswith("ldmatrix") and "%xl" in line]
     zeros = [re.search(r"\[(%z[bc])\+(\d+)\]", line).groups() for line in lines if line.startswith("st.shared.v4")]
     regs = [_prologue_registers(lines, tid) for tid in range(threads)]
-    written = {}
+    written = {}  # (copy group, token row, piece) -> byte
     for tid, r in enumerate(regs):
+        g, t = divmod(tid, group)
         for j, (reg, off) in enumerate(copies):
-            row, piece = tid // 16 + threads // 16 * j, tid % 16
-            written[row, piece] = r[reg.replace("%xa", "%xd")] + int(off)
-    assert sorted(written.values()) == list(range(0, 8 * nt * X_ROW_BYTES, 16))  # one piece per 16 bytes
+            row, piece = t // 16 + group // 16 * j, t % 16
+            written[g, row, piece] = r[reg.replace("%xa", "%xd")] + int(off)
+    for g in range(threads // group):  # one piece per 16 bytes of the group's buffer
+        mine = sorted(b for (gg, _, _), b in written.items() if gg == g)
+        assert mine == list(range(g * stride, g * stride + 8 * nt * X_ROW_BYTES, 16))
     for tid0 in range(0, threads, 8):
+        g = tid0 // group
         for j in range(pieces):
-            lines128 = {written[t // 16 + threads // 16 * j, t % 16] // 128 for t in range(tid0, tid0 + 8)}
+            lines128 = {written[g, t % group // 16 + group // 16 * j, t % 16] // 128 for t in range(tid0, tid0 + 8)}
             assert len(lines128) == 1, (tid0, j)
     for xreg, off in loads[:4 * nt]:  # the first chunk's: every (p, i)
         i, p = int(off) // (8 * X_ROW_BYTES), int(off) % (8 * X_ROW_BYTES) // 64
         reg = {"%xl": "%xs", "%xl2": "%xs2"}[xreg]
-        for phase in range(4):
-            addrs = [regs[lane][reg] + int(off) for lane in range(8 * phase, 8 * phase + 8)]
-            assert addrs == [written[8 * i + lane % 8, 4 * p + lane // 8] for lane in range(8 * phase, 8 * phase + 8)]
-            assert len({a // 16 % 8 for a in addrs}) == 8, (p, i, phase)
+        for w in range(warps):
+            g = 32 * w // group
+            for phase in range(4):
+                lanes = range(8 * phase, 8 * phase + 8)
+                addrs = [regs[32 * w + lane][reg] + int(off) for lane in lanes]
+                assert addrs == [written[g, 8 * i + lane % 8, 4 * p + lane // 8] for lane in lanes]
+                assert len({a // 16 % 8 for a in addrs}) == 8, (p, i, phase)
     assert len(zeros) == 8
     for w in range(warps):
         stored = sorted(regs[32 * w + lane][reg] + int(off) for lane in range(32) for reg, off in zeros)
@@ -238,6 +258,37 @@ def test_cmma_x_copies_and_ldmatrix_agree_on_the_swizzle(warps, nt):
             for phase in range(4):
                 addrs = [regs[32 * w + lane][reg] + int(off) for lane in range(8 * phase, 8 * phase + 8)]
                 assert len({a // 16 % 8 for a in addrs}) == 8, (w, reg, off, phase)
+
+
+@pytest.mark.parametrize("warps, rt, nt", [(2, 1, 1), (4, 1, 2), (2, 2, 2), (4, 2, 1)])
+def test_cmma_warp_split_sums_every_warp_once_in_warp_order(warps, rt, nt):
+    """warp_split: after the loop each warp > 0 stores accumulator q of lane l inside its own tile buffers (which only
+    it used), and warp 0 adds, for q in order of warps 1, 2, ..., the value stored at the same place: every other
+    warp's partial sum exactly once, in a fixed order (deterministic).  Evaluated from the PTX text."""
+    import itertools
+    import re
+
+    from flashllm_compile.codegen.kernels.cmma_ptx import cmma_ptx
+
+    lines = [line.strip() for line in cmma_ptx(warps, rt, nt, "float16", 8, warp_split=True).splitlines()]
+    tail = lines[lines.index("CMMA_END:"):]
+    acc = 4 * nt * rt
+    stores = {int(q): int(off) for off, q in (re.match(r"@%pe st\.shared\.f32 \[%t\+(\d+)\], \$(\d+);", line).groups()
+                                              for line in tail if "st.shared.f32" in line)}
+    assert sorted(stores) == list(range(acc)) and tail.count("barrier.sync 0;") == 1
+    first_store = next(i for i, line in enumerate(tail) if "st.shared.f32" in line)
+    assert "bar.warp.sync 0xffffffff;" in tail[:first_store]  # the warp's last ldmatrix reads of its tiles are done
+    adds = [(int(re.search(r"\[%t\+(\d+)\]", load).group(1)), int(re.match(r"add\.f32 \$(\d+)", add).group(1)))
+            for load, add in itertools.pairwise(tail) if load.startswith("ld.shared.f32 %fa") and add.startswith("add.f32")]
+    assert len(adds) == acc * (warps - 1)
+    regs = [_prologue_registers(lines, tid) for tid in range(32 * warps)]
+    for i, (off, q) in enumerate(adds):
+        w = i // acc + 1  # warps in order, each once
+        assert q == i % acc
+        for lane in range(32):
+            stored = regs[32 * w + lane]["%tb"] + 4 * lane + stores[q]  # where warp w's lane put accumulator q
+            assert stored == 4 * lane + off  # where warp 0's lane reads it (flc_w at 0)
+            assert w * rt * TILE_BYTES <= stored < (w + 1) * rt * TILE_BYTES  # inside warp w's own tiles
 
 
 def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
@@ -265,6 +316,9 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(8, 24)} == {1}
     assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(64, 16)} == {1}  # 24 next to 8 token tiles
     assert {c.row_tiles() for c in csl_mma.get_csl_mma_configs(64, 12)} == {1, 2}
+    # warps splitting a program's chunks: offered up to M = 16 (they lose beyond, RESULTS.md idea 42)
+    assert {c.split_k for c in csl_mma.get_csl_mma_configs(16, 16) if c.warp_split} == {1, 2}
+    assert not any(c.warp_split for c in csl_mma.get_csl_mma_configs(32, 16))
     # each shape in both forms of the word path (guarded, jump): neither measured faster everywhere
     configs = csl_mma.get_csl_mma_configs(8, 16)
     assert {c._replace(jump=False) for c in configs if c.jump} == {c for c in configs if not c.jump}

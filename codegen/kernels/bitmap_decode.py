@@ -85,15 +85,20 @@ def store_elements(out_ptr, bias_ptr, res_ptr, acc, rows, toks, pid_s, M, N, str
 @triton.jit
 def store_fragments(outs, out_ptr, bias_ptr, res_ptr, pid_n, pid_m, pid_s, M, N, stride_om, stride_os,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr,
-                    ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RT: tl.constexpr = 1):
+                    ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RT: tl.constexpr = 1,
+                    WARP_SPLIT: tl.constexpr = False):
     """Store what an inline-PTX tensor-core program returns (smma, fmma, cmma): outs = its 4 NT RT fp32 accumulators
     and %tid.x, where each warp owns RT consecutive 16-row weight tiles; accumulator 4 NT r + q (q < 4 NT) is weight
     row 16 (RT warp + r) + lane / 4 + 8 ((q % 4) / 2) and token 8 (q / 4) + 2 (lane % 4) + q % 2 of the program's
-    [BLOCK_N, BLOCK_M] output tile (mma.m16n8k16's D fragment per 8-token tile)."""
+    [BLOCK_N, BLOCK_M] output tile (mma.m16n8k16's D fragment per 8-token tile).  WARP_SPLIT (cmma): every warp
+    owns the program's RT tiles and warp 0 holds the sums; the other warps' partial accumulators are not stored."""
     NT: tl.constexpr = BLOCK_M // 8
     tid = outs[4 * NT * RT]
     lane = tid % 32
-    row0 = pid_n * BLOCK_N + (tid // 32) * (16 * RT) + lane // 4
+    if WARP_SPLIT:
+        row0 = tl.where(tid < 32, pid_n * BLOCK_N + lane // 4, N)  # row N: masked out
+    else:
+        row0 = pid_n * BLOCK_N + (tid // 32) * (16 * RT) + lane // 4
     tok0 = pid_m * BLOCK_M + (lane % 4) * 2
     for q in tl.static_range(4 * NT * RT):
         store_elements(out_ptr, bias_ptr, res_ptr, outs[q], row0 + 16 * (q // (4 * NT)) + 8 * ((q % 4) // 2),

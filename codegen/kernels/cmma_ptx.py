@@ -42,28 +42,30 @@ ROW_TILES = (1, 2, 4)  # weight tiles a warp may own
 MAX_PIECES = 16  # 16-byte pieces of an x chunk a thread copies (one unrolled cp.async each)
 
 
-def _smem_bytes(warps: int, rt: int, nt: int, x_buffers: int) -> int:
-    """One tile buffer per weight tile of every warp, and `x_buffers` x chunk buffers [8 NT, 128]."""
-    return warps * rt * TILE_BYTES + x_buffers * 8 * nt * X_ROW_BYTES
+def _smem_bytes(warps: int, rt: int, nt: int, x_buffers: int, warp_split: bool = False) -> int:
+    """One tile buffer per weight tile of every warp, and `x_buffers` x chunk buffers [8 NT, 128] (per warp when
+    the warps split the chunks: each copies its own)."""
+    return warps * rt * TILE_BYTES + (warps if warp_split else 1) * x_buffers * 8 * nt * X_ROW_BYTES
 
 
-def cmma_x_buffers(warps: int, rt: int, nt: int) -> int:
+def cmma_x_buffers(warps: int, rt: int, nt: int, warp_split: bool = False) -> int:
     """x chunk buffers: two (x chunk c + 1 copied while chunk c is computed, one barrier a chunk) where shared memory
     allows, else one (two barriers a chunk)."""
-    return 2 if _smem_bytes(warps, rt, nt, 2) <= STATIC_SMEM_MAX else 1
+    return 2 if _smem_bytes(warps, rt, nt, 2, warp_split) <= STATIC_SMEM_MAX else 1
 
 
-def cmma_smem_bytes(warps: int, rt: int, nt: int) -> int:
+def cmma_smem_bytes(warps: int, rt: int, nt: int, warp_split: bool = False) -> int:
     """Static shared memory of one program."""
-    return _smem_bytes(warps, rt, nt, cmma_x_buffers(warps, rt, nt))
+    return _smem_bytes(warps, rt, nt, cmma_x_buffers(warps, rt, nt, warp_split), warp_split)
 
 
-def cmma_config_ok(warps: int, rt: int, nt: int) -> bool:
+def cmma_config_ok(warps: int, rt: int, nt: int, warp_split: bool = False) -> bool:
     """Whether a program of `warps` warps owning `rt` weight tiles each and NT 8-token tiles can be built: whole x
-    pieces per thread, static shared memory under the cap."""
-    threads = 32 * warps
+    pieces per thread (the program's threads copy an x chunk together; each warp its own when the warps split the
+    chunks), static shared memory under the cap."""
+    threads = 32 if warp_split else 32 * warps
     return warps in (1, 2, 4, 8) and rt in ROW_TILES and nt >= 1 and (8 * nt * 16) % threads == 0 and \
-        8 * nt * 16 // threads <= MAX_PIECES and cmma_smem_bytes(warps, rt, nt) <= STATIC_SMEM_MAX
+        8 * nt * 16 // threads <= MAX_PIECES and cmma_smem_bytes(warps, rt, nt, warp_split) <= STATIC_SMEM_MAX
 
 
 def _load_groups(regs: list[str], count: str, base: str, pred: str, jump: str | None = None) -> list[str]:
@@ -104,7 +106,7 @@ def _unrolled_from(count: str, tag: str, steps: list[list[str]]) -> list[str]:
 
 @functools.cache
 def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: int = 1, pdl: bool = False,
-             jump: bool = False) -> str:
+             jump: bool = False, warp_split: bool = False) -> str:
     """PTX of one program: `warps` warps owning `rt` consecutive 16-row weight tiles each, NT 8-token tiles, a torch
     dtype name in SMMA_TYPES, at most `max_groups` groups of 32 words per segment (registers per lane and tile for
     one chunk), and the words of chunk c + `depth` loaded while chunk c is computed.  With `pdl` (launched with
@@ -113,17 +115,22 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     loads, clears and scatters of a chunk are entered by an indirect jump on its group count (warp-uniform) into
     max_groups unguarded steps, instead of a compare and a predicate a group and phase: the SASS per word falls from
     ~12 instructions to 5 (ISETP was 26% of the instructions executed, ncu), but each step is a basic block that
-    ptxas no longer interleaves or sinks.  Operands (cmma_constraints):
+    ptxas no longer interleaves or sinks.  With `warp_split` every warp owns the same RT tiles (the program's rows) and
+    an equal share of its chunks, with its own x buffers and no block barrier in the loop; at the end warp 0 adds the
+    other warps' accumulators, in warp order, to its own (the other warps' outputs are partial: not to be stored).
+    Why: a split-K over programs writes fp32 partials that a second kernel sums (~2.5 us a call at M <= 16, 12-15% of
+    the call, H100); splitting inside the program needs neither.  Operands (cmma_constraints):
     items, seg_start, x (u64), first row, N, chunks C, first chunk, end chunk, first token, M, x row stride, element
     index (unused)."""
-    if not cmma_config_ok(warps, rt, nt) or depth < 1:
-        raise ValueError(f"no cmma program for {warps} warps, {rt} row tiles, {nt} token tiles, depth {depth}")
+    if not cmma_config_ok(warps, rt, nt, warp_split) or depth < 1:
+        raise ValueError(f"no cmma program for {warps} warps, {rt} row tiles, {nt} token tiles, depth {depth}"
+                         + (", warps splitting the chunks" if warp_split else ""))
     ty = SMMA_TYPES[dtype]
     acc = 4 * nt * rt
     items, seg, xp, n0, nn, nc, c0, c1, t0, mm, sx, _ = (f"${acc + 1 + i}" for i in range(12))
-    threads = 32 * warps
+    threads = 32 if warp_split else 32 * warps  # the threads that copy one x chunk together
     xtile = 8 * nt * X_ROW_BYTES
-    xbufs = cmma_x_buffers(warps, rt, nt)
+    xbufs = cmma_x_buffers(warps, rt, nt, warp_split)
     pieces = 8 * nt * 16 // threads  # 16-byte pieces of an x chunk each thread copies
     rows_per_piece = threads // 16
     tiles = range(rt)
@@ -138,9 +145,10 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     counts = [[f"%cnt{j}_{r}" for r in tiles] for j in range(depth + 1)]
     per_tile = [f"%{name}{r}" for r in tiles for name in ("eS", "eN")]
     o = ["{", f".shared .align 16 .b8 flc_w[{warps * rt * TILE_BYTES}];",
-         f".shared .align 16 .b8 flc_x[{xbufs * xtile}];",
+         f".shared .align 16 .b8 flc_x[{(warps if warp_split else 1) * xbufs * xtile}];",
          ".reg .pred %pe, %pl, %pg, %pc, " + ", ".join(f"%pw{r}" for r in tiles) + ";",
          ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %t3, %nv, %xb, %xstep, %xo, %tb, %zb, %zc, %sa, %so, %z;",
+         ".reg .b32 %xt, %xw, %c0w, %c1w;", ".reg .f32 %fa;",
          f".reg .b32 %xs, %xs2, %xl, %xl2, %xbuf, %xd<8>, %xa<8>, %a<4>, %e<4>, %b<{4 * nt}>, "
          + ", ".join([c for cs in counts for c in cs] + per_tile) + ";",
          *([".reg .b32 " + ", ".join(g for regs in sets for rs in regs for g in rs) + ";"] if max_groups else []),
@@ -148,7 +156,16 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     o += [f"mov.f32 ${i}, 0f00000000;" for i in range(acc)]
     o += ["griddepcontrol.launch_dependents;"] if pdl else []
     o += ["mov.u32 %th, %tid.x;", f"mov.u32 ${acc}, %th;", "and.b32 %lane, %th, 31;", "shr.u32 %warp, %th, 5;",
-          "mov.b32 %z, 0;", "shr.u32 %rt, " + n0 + ", 4;", f"mad.lo.u32 %rt, %warp, {rt}, %rt;"]
+          "mov.b32 %z, 0;", "shr.u32 %rt, " + n0 + ", 4;"]
+    if warp_split:
+        # every warp: the program's rows; chunks [c0 + warp per, + per) within [c0, c1), per = ceil((c1 - c0) / warps)
+        o += ["sub.s32 %t, " + c1 + ", " + c0 + ";", "max.s32 %t, %t, 0;", f"add.u32 %t, %t, {warps - 1};",
+              f"shr.u32 %t, %t, {warps.bit_length() - 1};", f"mad.lo.u32 %c0w, %warp, %t, {c0};",
+              f"min.u32 %c0w, %c0w, {c1};", "add.u32 %c1w, %c0w, %t;", f"min.u32 %c1w, %c1w, {c1};",
+              "mov.u32 %xt, %lane;", "mov.u32 %xw, flc_x;", f"mad.lo.u32 %xw, %warp, {xbufs * xtile}, %xw;"]
+        c0, c1 = "%c0w", "%c1w"
+    else:
+        o += [f"mad.lo.u32 %rt, %warp, {rt}, %rt;", "mov.u32 %xt, %th;", "mov.u32 %xw, flc_x;"]
     for r in tiles:
         # weight tile rt + r of this warp (rows 16 (rt + r) ..): past N it loads and scatters nothing but keeps the
         # barriers; &seg_start[(rt + r) * C + c0]
@@ -167,25 +184,26 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
           # ldmatrix.x4 address of B (x chunk, X_ROW_BYTES): token row s = lane % 8 (+ 8 i), piece (4 p + lane / 8) ^ s,
           # i.e. byte 64 (p ^ (s / 4)) + 16 ((lane / 8) ^ (s % 4)): %xs + 64 p for even p, %xs2 + 64 p for odd p
           "and.b32 %t, %lane, 7;", "shr.u32 %t2, %lane, 3;", "and.b32 %t3, %t, 3;", "xor.b32 %t2, %t2, %t3;",
-          "shl.b32 %t2, %t2, 4;", f"mad.lo.u32 %t2, %t, {X_ROW_BYTES}, %t2;", "mov.u32 %t3, flc_x;",
+          "shl.b32 %t2, %t2, 4;", f"mad.lo.u32 %t2, %t, {X_ROW_BYTES}, %t2;", "mov.u32 %t3, %xw;",
           "add.u32 %t2, %t2, %t3;", "shr.u32 %t, %t, 2;", "shl.b32 %t, %t, 6;", "add.u32 %xs, %t2, %t;",
           "sub.u32 %xs2, %t2, %t;"]
-    # x pieces this thread copies: token rows tid / 16 + rows_per_piece j, piece tid % 16, stored at piece
-    # (tid % 16) ^ (row % 8): %xd<v> + rows_per_piece j X_ROW_BYTES, one register per value v = rows_per_piece j % 8
+    # x pieces this thread copies (%xt: its index among the copying threads): token rows xt / 16 + rows_per_piece j,
+    # piece xt % 16, stored at piece (xt % 16) ^ (row % 8): %xd<v> + rows_per_piece j X_ROW_BYTES, one register per
+    # value v = rows_per_piece j % 8
     swz = sorted({rows_per_piece * j % 8 for j in range(pieces)})
-    o += ["and.b32 %t, %th, 15;", "shr.u32 %t2, %th, 4;", "mov.u32 %t3, flc_x;",
+    o += ["and.b32 %t, %xt, 15;", "shr.u32 %t2, %xt, 4;", "mov.u32 %t3, %xw;",
           f"mad.lo.u32 %t3, %t2, {X_ROW_BYTES}, %t3;"]
     for v in swz:
         o += [f"add.u32 %xo, %t2, {v};", "and.b32 %xo, %xo, 7;", "xor.b32 %xo, %xo, %t;", "shl.b32 %xo, %xo, 4;",
               f"add.u32 %xd{v}, %t3, %xo;"]
-    o += ["shl.b32 %t, %t, 3;",  # %t: tid % 16 (from above)
+    o += ["shl.b32 %t, %t, 3;",  # %t: xt % 16 (from above)
           # %xc: x chunk c (advances 256 bytes a chunk); piece j's element offset in it is %xb + j %xstep (token
-          # t0 + tid / 16 + rows_per_piece j, column 8 (tid % 16)).  Only the first %nv pieces (tokens < M) are
+          # t0 + xt / 16 + rows_per_piece j, column 8 (xt % 16)).  Only the first %nv pieces (tokens < M) are
           # copied: a padding token's B column only feeds its own D column, which is never stored, so its row may
           # hold anything.  (Copying token M - 1's row in its place, 8 NT - M times a chunk, made M = 1 1.14-1.31x
           # slower: H100, benchmarks/RESULTS.md idea 35.)
           f"mul.wide.u32 %o64, {c0}, {2 * CSL_CHUNK};", f"add.s64 %xc, {xp}, %o64;",
-          # %nv = ceil((M - t0 - tid / 16) / rows_per_piece), at least 0
+          # %nv = ceil((M - t0 - xt / 16) / rows_per_piece), at least 0
           f"sub.s32 %nv, {mm}, {t0};", "sub.s32 %nv, %nv, %t2;", f"add.s32 %nv, %nv, {rows_per_piece - 1};",
           "max.s32 %nv, %nv, 0;", f"shr.s32 %nv, %nv, {rows_per_piece.bit_length() - 1};",
           f"add.u32 %xb, {t0}, %t2;", f"mad.lo.u32 %xb, %xb, {sx}, %t;", f"mul.lo.u32 %xstep, {sx}, {rows_per_piece};"]
@@ -240,13 +258,18 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     # the tiles start zeroed; the set of chunk c0 - 1 holds no words
     o += zero_tiles() + [f"mov.u32 {count}, 0;" for count in counts[depth]]
 
+    # who reads an x chunk: the warp (warp_split: ptxas drops the warp sync in this convergent code, and racecheck,
+    # which sees no instruction, still reports nothing; a named barrier a warp instead measured 4% slower, H100,
+    # benchmarks/RESULTS.md idea 42), or the program
+    sync = "bar.warp.sync 0xffffffff;" if warp_split else "barrier.sync 0;"
+
     def body(j: int) -> list[str]:
         """Chunk c, whose words are in sets[j]; chunk c + depth's go to the set chunk c - 1 used."""
         nxt = (j + depth) % (depth + 1)
         load = load_chunk(nxt, depth) + next_end(depth + 1)
         if xbufs == 1:
             # every warp is done reading x chunk c - 1 (and this warp its tiles); then x chunk c into the buffer
-            done = ["barrier.sync 0;"] + copy_x(None, 0, None)
+            done = [sync] + copy_x(None, 0, None)
         else:
             done = ["bar.warp.sync 0xffffffff;"]  # this warp's ldmatrix reads of its tiles (chunk c - 1) are done
         # zeros where chunk c - 1's words went, before their registers are reloaded
@@ -258,7 +281,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
         for r in tiles:
             b += [f"add.u32 %t, %tb, {r * TILE_BYTES};"] + _scatter(sets[j][r], counts[j][r], "%t", jump=label())
         # every warp's scatter of chunk c and every copy of x chunk c are done
-        b += ["cp.async.wait_group 0;", "barrier.sync 0;"]
+        b += ["cp.async.wait_group 0;", sync]
         if xbufs == 2:
             # x chunk c + 1 to the other buffer (the barrier also ended every read of it, by chunk c - 1's mma)
             b += [f"xor.b32 %t, %xbuf, {xtile};", "add.u32 %t2, %c, 1;",
@@ -273,8 +296,20 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
 
     # depth + 1 chunks per loop iteration, so the word registers rotate instead of being copied
     o += ["CMMA_LOOP:"] + [line for j in range(depth + 1) for line in body(j)]
-    o += ["bra CMMA_LOOP;", "CMMA_END:", *(["griddepcontrol.wait;"] if pdl else []), "}"]  # (an empty split too)
-    return "\n".join(o)
+    o += ["bra CMMA_LOOP;", "CMMA_END:", *(["griddepcontrol.wait;"] if pdl else [])]  # (an empty split too)
+    if warp_split and warps > 1:
+        # warps 1..: accumulator q of each lane to 4 (32 q + lane) of the warp's own tile buffers (done with them;
+        # 512 NT RT <= 4352 RT bytes); warp 0 adds them in warp order (deterministic)
+        # (after the warp's last ldmatrix reads of its tiles: without this sync racecheck reported intra-warp WAR
+        # hazards there)
+        o += ["bar.warp.sync 0xffffffff;", "mad.lo.u32 %t, %lane, 4, %tb;", "setp.ne.u32 %pe, %warp, 0;"]
+        o += [f"@%pe st.shared.f32 [%t+{128 * q}], ${q};" for q in range(acc)]
+        o += ["barrier.sync 0;", "@%pe bra CMMA_DONE;", "mov.u32 %t, flc_w;", "mad.lo.u32 %t, %lane, 4, %t;"]
+        for w in range(1, warps):
+            for q in range(acc):
+                o += [f"ld.shared.f32 %fa, [%t+{w * rt * TILE_BYTES + 128 * q}];", f"add.f32 ${q}, ${q}, %fa;"]
+        o += ["CMMA_DONE:"]
+    return "\n".join(o + ["}"])
 
 
 def cmma_constraints(nt: int, rt: int = 1) -> str:

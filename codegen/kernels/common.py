@@ -28,15 +28,17 @@ class TileConfig(NamedTuple):
     num_stages: int
     segments: int = 1  # rowwalk: lanes per row in a program, each walking one equal share of the row
     jump: bool = False  # cmma: a chunk's word loads and scatters entered by an indirect jump, no predicate a group
+    warp_split: bool = False  # cmma: the program's warps share its rows and split its chunks (summed in the program)
 
     def row_tiles(self) -> int:
-        """cmma: the 16-row weight tiles each warp of a program owns (BLOCK_N = 16 x warps x tiles)."""
-        return max(1, self.block_n // (16 * self.num_warps))
+        """cmma: the 16-row weight tiles each warp of a program owns (BLOCK_N = 16 x warps x tiles; 16 x tiles when
+        the warps split the chunks)."""
+        return max(1, self.block_n // (16 * (1 if self.warp_split else self.num_warps)))
 
     def short(self) -> str:
         extra = f",seg={self.segments}" if self.family == "rowwalk" else ""
         if self.family == "cmma":
-            extra = f",rt={self.row_tiles()}" + (",jump" if self.jump else "")
+            extra = f",rt={self.row_tiles()}" + (",jump" if self.jump else "") + (",wsplit" if self.warp_split else "")
         return (f"{self.family}[BN={self.block_n},BM={self.block_m},SK={self.split_k},w={self.num_warps},"
                 f"s={self.num_stages}{extra}]")
 

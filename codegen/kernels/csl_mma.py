@@ -39,6 +39,12 @@ CMMA_SHAPES = ((2, 1), (4, 1), (2, 2), (4, 2))
 # word loads / scatters guarded by a predicate a group (False), or entered by an indirect jump (True): neither wins
 # everywhere (H100, benchmarks/RESULTS.md idea 33: the jump +2-15% at M >= 8 and at 80-90%, 0.44-0.75x at 70% M = 1)
 CMMA_JUMPS = (False, True)
+# The program's warps splitting its chunks (warp_split: no fp32 partials, no epilogue kernel, no block barrier a
+# chunk; each warp copies its own x) next to split-K 1 or 2 over programs.  H100, LLaMA-7B, 70-90%, best against
+# best (benchmarks/RESULTS.md idea 42): M = 1..8 1.02-1.03x on geo-mean, up to 1.17x (qkv 80% M = 4); M = 16 0.96x,
+# M = 32 0.90x (every warp copies and reads the whole x chunk), so only offered up to M = 16.
+CMMA_WARP_SPLIT_KS = (1, 2)
+CMMA_WARP_SPLIT_MAX_M = 16
 
 
 def cmma_words_ok(rt: int, nt: int, max_groups: int) -> bool:
@@ -54,7 +60,8 @@ def _csl_mma_kernel(
     x_ptr, items_ptr, seg_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, stride_xm, stride_om, stride_os, chunks_per_split, num_chunks,
     HAS_BIAS: tl.constexpr, PARTIALS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, RT: tl.constexpr, ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, RT: tl.constexpr, THREADS: tl.constexpr, WARP_SPLIT: tl.constexpr,
+    ASM: tl.constexpr, CONSTRAINTS: tl.constexpr,
 ):
     """out[m, n] = sum_k x[m, k] * W[n, k] (+ epilogue) for rows [pid_n*BLOCK_N, +BLOCK_N), tokens
     [pid_m*BLOCK_M, +BLOCK_M) and the chunks of split pid_s; with PARTIALS fp32 partials out[pid_s, m, n]."""
@@ -62,8 +69,8 @@ def _csl_mma_kernel(
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     NT: tl.constexpr = BLOCK_M // 8
-    # One element per thread (BLOCK_N / (16 RT) warps of 32), so the PTX runs once in every thread.
-    idx = tl.arange(0, BLOCK_N * 2 // RT)
+    # One element per thread, so the PTX runs once in every thread.
+    idx = tl.arange(0, THREADS)
     zero = idx * 0
     c0 = pid_s * chunks_per_split
     c1 = tl.minimum(c0 + chunks_per_split, num_chunks)
@@ -73,7 +80,7 @@ def _csl_mma_kernel(
     outs = tl.inline_asm_elementwise(ASM, CONSTRAINTS, args, dtype=(tl.float32,) * (4 * NT * RT) + (tl.int32,),
                                      is_pure=True, pack=1)
     store_fragments(outs, out_ptr, bias_ptr, res_ptr, pid_n, pid_m, pid_s, M, N, stride_om, stride_os, BLOCK_N, BLOCK_M,
-                    HAS_BIAS, PARTIALS, ACT, HAS_RESIDUAL, RT)
+                    HAS_BIAS, PARTIALS, ACT, HAS_RESIDUAL, RT, WARP_SPLIT)
 
 
 def cmma_block_m(m: int) -> int:
@@ -90,13 +97,18 @@ def cmma_default_config(m: int, max_groups: int) -> TileConfig:
 
 def get_csl_mma_configs(m: int, max_groups: int) -> list[TileConfig]:
     """Tuning space for a weight whose segments need up to `max_groups` word registers: CMMA_SHAPES (warps x weight
-    tiles a warp, where shared memory and registers allow) x split-K 1..8 x CMMA_JUMPS."""
+    tiles a warp, where shared memory and registers allow) x split-K 1..8 x CMMA_JUMPS; up to M = 16 also the warps
+    splitting the program's chunks (warp_split) x split-K 1, 2."""
     if interpreting():
         return []
     block_m = cmma_block_m(m)
-    return [TileConfig("cmma", CSL_ROWS * warps * rt, block_m, split_k, warps, depth, jump=jump)
-            for warps, rt in CMMA_SHAPES for split_k in (1, 2, 4, 8) for depth in CMMA_DEPTHS for jump in CMMA_JUMPS
-            if cmma_config_ok(warps, rt, block_m // 8) and cmma_words_ok(rt, block_m // 8, max_groups)]
+    nt = block_m // 8
+    return [TileConfig("cmma", CSL_ROWS * (1 if split else warps) * rt, block_m, split_k, warps, depth, jump=jump,
+                       warp_split=split)
+            for warps, rt in CMMA_SHAPES
+            for split, split_ks in ((False, (1, 2, 4, 8)), (True, CMMA_WARP_SPLIT_KS if m <= CMMA_WARP_SPLIT_MAX_M else ()))
+            for split_k in split_ks for depth in CMMA_DEPTHS for jump in CMMA_JUMPS
+            if cmma_config_ok(warps, rt, nt, split) and cmma_words_ok(rt, nt, max_groups)]
 
 
 def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: TileConfig,
@@ -107,7 +119,8 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
         raise RuntimeError(f"the cmma kernel needs a CUDA fp16/bf16 x, got {x.device} {x.dtype}")
     check_launch(x, fmt, bias)
     nt, rt = config.block_m // 8, config.row_tiles()
-    if config.block_n != CSL_ROWS * config.num_warps * rt or not cmma_config_ok(config.num_warps, rt, nt):
+    row_warps = 1 if config.warp_split else config.num_warps  # warps that own distinct rows
+    if config.block_n != CSL_ROWS * row_warps * rt or not cmma_config_ok(config.num_warps, rt, nt, config.warp_split):
         raise ValueError(f"not a cmma config: {config.short()}")
     if fmt.max_groups > CMMA_MAX_GROUPS:
         raise ValueError(f"cmma holds at most {CMMA_MAX_GROUPS} words a lane per chunk; this weight needs "
@@ -129,8 +142,10 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
         (x, fmt.items, fmt.seg_start, bias if bias is not None else x, residual if residual is not None else x, out,
          m, fmt.n, x.stride(0), fmt.n, m * fmt.n, per_split, fmt.num_chunks),
         HAS_BIAS=bias is not None, PARTIALS=partials, ACT=act, HAS_RESIDUAL=residual is not None,
-        BLOCK_N=config.block_n, BLOCK_M=config.block_m, RT=rt,
-        ASM=cmma_ptx(config.num_warps, rt, nt, dtype, fmt.max_groups, config.num_stages, pdl, config.jump),
+        BLOCK_N=config.block_n, BLOCK_M=config.block_m, RT=rt, THREADS=32 * config.num_warps,
+        WARP_SPLIT=config.warp_split,
+        ASM=cmma_ptx(config.num_warps, rt, nt, dtype, fmt.max_groups, config.num_stages, pdl, config.jump,
+                     config.warp_split),
         CONSTRAINTS=cmma_constraints(nt, rt), num_warps=config.num_warps, num_stages=1, pdl=pdl,
     )
     return finish_split_k(out, bias, x.dtype, epilogue) if partials else out
