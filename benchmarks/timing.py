@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,21 +15,38 @@ from flashllm_compile.codegen.autotune import replay_us
 ROTATIONS = 6
 
 
-def graph_time_us(calls: Sequence[Callable[[], object]], replays: int = 20) -> float:
+def graph_time_us(calls: Sequence[Callable[[], object]], replays: int = 20,
+                  before: Callable[[], object] | None = None) -> float:
     """Median time of one call, in microseconds: the calls (one per rotated copy) are captured once into a
-    CUDA graph, which is replayed `replays` times."""
+    CUDA graph, which is replayed `replays` times.
+
+    Back to back (`before` None), a kernel launched with programmatic dependent launch overlaps the previous call
+    of the same kernel.  In a decode step an op follows the kernel that produced its input instead (a norm, rope,
+    attention), so with `before` (a small call that writes the op's input, e.g. `x.copy_(x_src)`, launched
+    without PDL) every call follows one `before`, and the time of the `before` calls alone is subtracted."""
+    if before is None:
+        return _replayed_us(calls, replays) / len(calls)
+    # the median of 3 differences, each of two graphs timed next to each other: one replay of either graph that ran
+    # slow or fast by a few us made the difference absurd (one call at 2.9 us, below its bytes floor)
+    seq = [step for call in calls for step in (before, call)]
+    return statistics.median(_replayed_us(seq, replays) - _replayed_us([before] * len(calls), replays)
+                             for _ in range(3)) / len(calls)
+
+
+def _replayed_us(seq: Sequence[Callable[[], object]], replays: int) -> float:
+    """Median time of one replay of a CUDA graph of `seq`, run once first (warm-up) on a side stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for call in calls:  # warm-up: compile, allocate, autotune outside the capture
+        for call in seq:  # warm-up: compile, allocate, autotune outside the capture
             call()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for call in calls:
+        for call in seq:
             call()
-    return replay_us(graph, replays) / len(calls)
+    return replay_us(graph, replays)
 
 
 def pruned(n: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:

@@ -314,7 +314,12 @@ def replay_us(graph: torch.cuda.CUDAGraph, replays: int = GRAPH_REPLAYS) -> floa
 def bench_us(fn) -> float:
     """Time of one call of `fn` in us, as a decode step under mode="reduce-overhead" sees it: CUDA-graph replays
     (no launch gaps; our op's extra launches, e.g. the split-K reduction, cost what they cost there) with L2
-    flushed before every call (weights from HBM).  do_bench instead charged eager launch gaps and picked sparse
+    flushed before every call (weights from HBM).  Like an op in a decode step, each call follows another kernel
+    (the flush), not a call of itself: timed back to back instead, a kernel launched with programmatic dependent
+    launch overlaps its own previous call, which ranks tile configs differently.  H100, LLaMA-7B shapes at 70-90%,
+    M = 1 / 8, every cmma config: the picks of this timing (with the re-timed finalists) ran within 1.005x (at most
+    1.06x) of the best config when each call followed a small kernel writing its x, against 1.08x (at most 1.33x)
+    when calls ran back to back (benchmarks/RESULTS.md, sixteenth session).  do_bench instead charged eager launch gaps and picked sparse
     kernels that lose inside graphs (H100: an 8-layer LLaMA at 0.77x of inductor).  Falls back to do_bench when
     a graph cannot be captured."""
     # Allocated per call, not cached: tuning may run inside Inductor's CUDA-graph warm-up, whose memory pool must

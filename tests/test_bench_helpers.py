@@ -1,6 +1,6 @@
 """CPU checks of the benchmark helpers: MLP channel zeroing (benchmarks/structured_prune.py, used by bench_e2e.py
 --structured), a smoke run of benchmarks/bench_passes.py on a tiny layer (no timing), and the kernel categories
-of benchmarks/profile_e2e.py."""
+of benchmarks/profile_e2e.py, and the decode-step timing of benchmarks/timing.py."""
 
 from __future__ import annotations
 
@@ -200,3 +200,31 @@ def test_sanitizer_config_filter_reaches_the_child():
     args = argparse.Namespace(all_kernels=False, families=None, m=None, dtypes=None, out="out", configs="rowwalk")
     cmd = sanitize.sanitizer_command("racecheck", "compute-sanitizer", "tiny", args, True)
     assert cmd[cmd.index("--configs") + 1] == "rowwalk"
+
+
+def test_graph_time_after_a_producer_subtracts_it_and_takes_the_median(monkeypatch):
+    """graph_time_us(calls, before=...): every call follows `before`, whose own time is subtracted; the median of 3
+    such differences, so one slow replay of either graph does not give an absurd time."""
+    import timing
+
+    def call():
+        pass
+
+    def write_x():
+        pass
+
+    cost = {call: 10.0, write_x: 2.0}
+    slow = iter([50.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # the first graph (calls after producers) replays 50 us slow once
+    seqs = []
+
+    def fake_replayed_us(seq, replays):
+        seqs.append(list(seq))
+        return sum(cost[f] for f in seq) + next(slow, 0.0)
+
+    monkeypatch.setattr(timing, "_replayed_us", fake_replayed_us)
+    assert timing.graph_time_us([call] * 4, before=write_x) == pytest.approx(10.0)
+    assert seqs[0] == [write_x, call] * 4 and seqs[1] == [write_x] * 4  # each call after the producer; it alone
+    assert len(seqs) == 6
+    seqs.clear()
+    assert timing.graph_time_us([call] * 4) == pytest.approx(10.0)  # back to back: one graph of the calls
+    assert seqs == [[call] * 4]
