@@ -101,7 +101,7 @@ def untuned_choice(m: int, allow_dense: bool, fmt: CompressedWeight | None = Non
     default sparse config for M on `fmt`'s format."""
     if allow_dense:
         return Choice("dense", None, float("nan"), float("nan"))
-    config = cmma_default_config(m, fmt.max_groups) if isinstance(fmt, CslWeight) else default_config(m)
+    config = cmma_default_config(m) if isinstance(fmt, CslWeight) else default_config(m)
     return Choice(config.family, config, float("nan"), float("nan"))
 
 

@@ -302,7 +302,7 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     assert autotune.untuned_choice(8, True, fmt).family == "dense"
     x = torch.randn(2, 256, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="cmma kernel needs a CUDA"):
-        csl_mma.csl_mma(x, fmt, None, csl_mma.cmma_default_config(2, fmt.max_groups))
+        csl_mma.csl_mma(x, fmt, None, csl_mma.cmma_default_config(2))
     monkeypatch.setattr(csl_mma, "interpreting", lambda: False)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # get past the device check
     for config in (TileConfig("cmma", 48, 8, 1, 3, 2), TileConfig("cmma", 32, 128, 1, 2, 2),
@@ -322,10 +322,16 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     # each shape in both forms of the word path (guarded, jump): neither measured faster everywhere
     configs = csl_mma.get_csl_mma_configs(8, 16)
     assert {c._replace(jump=False) for c in configs if c.jump} == {c for c in configs if not c.jump}
-    assert not csl_mma.cmma_default_config(8, 16).jump  # the untuned default keeps the guarded form
+    # the untuned default: a tuning candidate for any weight the format holds (warps splitting the chunks up to
+    # M = 16, the fastest on average over 72 H100 points, RESULTS.md sixteenth session), one tile a warp beyond
+    for m in (1, 3, 8, 16, 17, 64):
+        default = csl_mma.cmma_default_config(m)
+        assert default.warp_split == (m <= 16) and default.row_tiles() == 1
+        for max_groups in (4, 16, 32):
+            assert default in csl_mma.get_csl_mma_configs(m, max_groups), (m, max_groups, default)
     dense_fmt = CslWeight.from_dense(pruned(32, 256, 0.0))
     with pytest.raises(ValueError, match="too dense"):
-        csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2, 16))
+        csl_mma.csl_mma(x, dense_fmt, None, csl_mma.cmma_default_config(2))
 
 
 def test_tuner_keys_the_formats_apart(tmp_path):

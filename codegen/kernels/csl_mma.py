@@ -89,12 +89,16 @@ def cmma_block_m(m: int) -> int:
     return min(CMMA_MAX_BLOCK_M, max(8, next_power_of_2(m)))
 
 
-def cmma_default_config(m: int, max_groups: int) -> TileConfig:
-    """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture): the H100 tuner's best on average
-    over LLaMA-7B shapes at 80-90% (benchmarks/RESULTS.md, ninth session): 4 warps and split-K 4, each warp owning 2
-    weight tiles up to M = 16 (where the weight's word registers allow), 1 beyond."""
-    rt = 2 if m <= 16 and cmma_words_ok(2, cmma_block_m(m) // 8, max_groups) else 1
-    return TileConfig("cmma", CSL_ROWS * 4 * rt, cmma_block_m(m), 4, 4, CMMA_DEPTHS[0])
+def cmma_default_config(m: int) -> TileConfig:
+    """Untuned choice (autotune off, deterministic mode, or M first seen inside a CUDA-graph capture).  Up to M = 16:
+    4 warps splitting the chunks of one weight tile, split-K 2, the word path entered by jump.  Over LLaMA-7B shapes
+    at 70-90%, M = 1 / 4 / 8 / 16, each call after another kernel (H100), it ran 1.11-1.17x the time of the best
+    config on geo-mean (at most 1.61x), against 1.24-1.35x (at most 2.33x) for the previous default, 4 warps owning
+    2 tiles each with split-K 4 (benchmarks/RESULTS.md, sixteenth session).  Beyond M = 16: 4 warps owning one tile
+    each, split-K 4 (the ninth session's best on average)."""
+    if m <= CMMA_WARP_SPLIT_MAX_M:
+        return TileConfig("cmma", CSL_ROWS, cmma_block_m(m), 2, 4, CMMA_DEPTHS[0], jump=True, warp_split=True)
+    return TileConfig("cmma", CSL_ROWS * 4, cmma_block_m(m), 4, 4, CMMA_DEPTHS[0])
 
 
 def get_csl_mma_configs(m: int, max_groups: int) -> list[TileConfig]:
