@@ -10,10 +10,10 @@ graphs, L2 flushed), and the references, each timed as CUDA-graph replays over R
 weights stream from HBM: cuBLAS F.linear on the same pruned weight, cuSPARSE CSR (torch.sparse), and 2:4
 semi-structured sparsity (cuSPARSELt) on a 2:4-pruned weight at 50%.  Every call is timed as in a decode step,
 after a small kernel that writes its x (`*_us`, `speedup`), and ours and cuBLAS also back to back (`*_b2b_us`,
-`speedup_b2b`), where a kernel launched with programmatic dependent launch overlaps its own previous call: the
-two rank tile configs differently (benchmarks/RESULTS.md, sixteenth session), and the tuner's ranking matches the
-first.  Also the bytes floor (our format's bytes
-at the measured copy bandwidth) and the bandwidth each kernel achieves on the bytes it must move.
+`speedup_b2b`), where a kernel launched with programmatic dependent launch overlaps its own previous call: the two
+rank tile configs differently, and the tuner's ranking matches the first (benchmarks/RESULTS.md, idea 43).  Also
+the bytes floor (our format's bytes at the measured copy bandwidth) and the bandwidth each kernel achieves on the
+bytes it must move.
 Writes bench_kernels.csv and bench_kernels.png under --out and prints a table (geo-means per sparsity) last.
 """
 
@@ -200,6 +200,7 @@ def main() -> None:
                 sel = [r[key] for r in rows if r["m"] == m and r["sparsity"] == s]
                 cells.append(math.exp(sum(map(math.log, sel)) / len(sel)))
             print(f"{m:>4}" + "".join(f"{c:8.2f}" for c in cells))
+
 
 if __name__ == "__main__":
     main()

@@ -319,9 +319,9 @@ def bench_us(fn) -> float:
     launch overlaps its own previous call, which ranks tile configs differently.  H100, LLaMA-7B shapes at 70-90%,
     M = 1 / 8, every cmma config: the picks of this timing (with the re-timed finalists) ran within 1.005x (at most
     1.06x) of the best config when each call followed a small kernel writing its x, against 1.08x (at most 1.33x)
-    when calls ran back to back (benchmarks/RESULTS.md, sixteenth session).  do_bench instead charged eager launch gaps and picked sparse
-    kernels that lose inside graphs (H100: an 8-layer LLaMA at 0.77x of inductor).  Falls back to do_bench when
-    a graph cannot be captured."""
+    when calls ran back to back (benchmarks/RESULTS.md, sixteenth session).  do_bench instead charged eager launch
+    gaps and picked sparse kernels that lose inside graphs (H100: an 8-layer LLaMA at 0.77x of inductor).  Falls
+    back to do_bench when a graph cannot be captured."""
     # Allocated per call, not cached: tuning may run inside Inductor's CUDA-graph warm-up, whose memory pool must
     # hold no tensor that outlives the step.
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
