@@ -27,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import ROTATIONS, gpu_info, graph_time_us, pruned, write_csv
+from timing import ROTATIONS, gpu_info, graph_time_us, input_writer, pruned, write_csv
 
 from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
@@ -86,11 +86,7 @@ def best_of_format(fmts, x, ref, where: str, before):
 def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
     weights = [pruned(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    x_src = x.clone()
-
-    def write_x():  # the kernel that produced x, which an op in a decode step follows (graph_time_us)
-        x.copy_(x_src)
-
+    write_x = input_writer(x)
     ref = torch.nn.functional.linear(x.float(), weights[0].float())
     where = f"{model}.{layer} M={m} s={sparsity}"
     fmts = [BitmapWeight.from_dense(w) for w in weights]

@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import ROTATIONS, gpu_info, graph_time_us, pruned
+from timing import ROTATIONS, gpu_info, graph_time_us, input_writer, pruned
 
 from flashllm_compile.codegen.autotune import LAUNCHERS, bench_us, candidate_configs
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
@@ -31,11 +31,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def sweep_point(n, k, m, sparsity, dtype, chunk_ks, families, log):
     weights = [pruned(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    x_src = x.clone()
-
-    def write_x():  # the kernel that produced x, which an op in a decode step follows
-        x.copy_(x_src)
-
+    write_x = input_writer(x)
     ref = torch.nn.functional.linear(x.float(), weights[0].float())
     best = {}
     for chunk_k in chunk_ks:

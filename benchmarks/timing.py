@@ -22,7 +22,7 @@ def graph_time_us(calls: Sequence[Callable[[], object]], replays: int = 20,
 
     Back to back (`before` None), a kernel launched with programmatic dependent launch overlaps the previous call
     of the same kernel.  In a decode step an op follows the kernel that produced its input instead (a norm, rope,
-    attention), so with `before` (a small call that writes the op's input, e.g. `x.copy_(x_src)`, launched
+    attention), so with `before` (a small call that writes the op's input, e.g. `input_writer(x)`, launched
     without PDL) every call follows one `before`, and the time of the `before` calls alone is subtracted."""
     if before is None:
         return _replayed_us(calls, replays) / len(calls)
@@ -31,6 +31,13 @@ def graph_time_us(calls: Sequence[Callable[[], object]], replays: int = 20,
     seq = [step for call in calls for step in (before, call)]
     return statistics.median(_replayed_us(seq, replays) - _replayed_us([before] * len(calls), replays)
                              for _ in range(3)) / len(calls)
+
+
+def input_writer(x: torch.Tensor) -> Callable[[], object]:
+    """A call that rewrites `x` in place from a copy of it (one small kernel, launched without PDL): the kernel that
+    produced an op's input, which the op follows in a decode step (`graph_time_us`'s `before`)."""
+    x_src = x.clone()
+    return lambda: x.copy_(x_src)
 
 
 def _replayed_us(seq: Sequence[Callable[[], object]], replays: int) -> float:

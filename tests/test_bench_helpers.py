@@ -228,3 +228,16 @@ def test_graph_time_after_a_producer_subtracts_it_and_takes_the_median(monkeypat
     seqs.clear()
     assert timing.graph_time_us([call] * 4) == pytest.approx(10.0)  # back to back: one graph of the calls
     assert seqs == [[call] * 4]
+
+
+def test_input_writer_rewrites_x_in_place():
+    """timing.input_writer(x): the producer the decode-step timing puts before each call writes the same tensor (a
+    CUDA graph replays fixed addresses) back to its first values."""
+    import timing
+
+    x = torch.randn(3, 5)
+    first = x.clone()
+    write = timing.input_writer(x)
+    x.zero_()
+    write()
+    assert torch.equal(x, first)
