@@ -30,10 +30,13 @@ class TileConfig(NamedTuple):
     jump: bool = False  # cmma: a chunk's word loads and scatters entered by an indirect jump, no predicate a group
     warp_split: bool = False  # cmma: the program's warps share its rows and split its chunks (summed in the program)
 
+    def row_warps(self) -> int:
+        """cmma: the warps of a program that own distinct weight rows (one when the warps split the chunks)."""
+        return 1 if self.warp_split else self.num_warps
+
     def row_tiles(self) -> int:
-        """cmma: the 16-row weight tiles each warp of a program owns (BLOCK_N = 16 x warps x tiles; 16 x tiles when
-        the warps split the chunks)."""
-        return max(1, self.block_n // (16 * (1 if self.warp_split else self.num_warps)))
+        """cmma: the 16-row weight tiles each warp of a program owns (BLOCK_N = 16 x row_warps x tiles)."""
+        return max(1, self.block_n // (16 * self.row_warps()))
 
     def short(self) -> str:
         extra = f",seg={self.segments}" if self.family == "rowwalk" else ""

@@ -125,8 +125,8 @@ def csl_mma(x: torch.Tensor, fmt: CslWeight, bias: torch.Tensor | None, config: 
         raise RuntimeError(f"the cmma kernel needs a CUDA fp16/bf16 x, got {x.device} {x.dtype}")
     check_launch(x, fmt, bias)
     nt, rt = config.block_m // 8, config.row_tiles()
-    row_warps = 1 if config.warp_split else config.num_warps  # warps that own distinct rows
-    if config.block_n != CSL_ROWS * row_warps * rt or not cmma_config_ok(config.num_warps, rt, nt, config.warp_split):
+    if config.block_n != CSL_ROWS * config.row_warps() * rt or \
+            not cmma_config_ok(config.num_warps, rt, nt, config.warp_split):
         raise ValueError(f"not a cmma config: {config.short()}")
     if fmt.max_groups > CMMA_MAX_GROUPS:
         raise ValueError(f"cmma holds at most {CMMA_MAX_GROUPS} words a lane per chunk; this weight needs "
