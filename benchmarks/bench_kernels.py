@@ -27,11 +27,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import ROTATIONS, gpu_info, graph_time_us, input_writer, pruned, write_csv
+from timing import ROTATIONS, csl_copies, gpu_info, graph_time_us, input_writer, pruned, write_csv
 
 from flashllm_compile.codegen import autotune
 from flashllm_compile.codegen.formats.bitmap import BitmapWeight
-from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_M
 from flashllm_compile.passes.rewrite_sparse_linear import CSL_MAX_DENSITY, CSL_MIN_GAIN
 
@@ -93,7 +92,7 @@ def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
     choice, (ours, ours_b2b), err = best_of_format(fmts, x, ref, where, write_x)
     bitmap_us, csl_us = ours, float("nan")
     if 1 - sparsity <= CSL_MAX_DENSITY and m <= CMMA_MAX_M and dtype in (torch.float16, torch.bfloat16):
-        csls = [CslWeight.from_dense(w) for w in weights]
+        csls = csl_copies(weights)
         csl_choice, (csl_us, csl_b2b), csl_err = best_of_format(csls, x, ref, where, write_x)
         if csl_choice.time_us * CSL_MIN_GAIN < choice.time_us:  # the compile-time dispatch's rule
             fmts, choice, ours, ours_b2b, err = csls, csl_choice, csl_us, csl_b2b, csl_err

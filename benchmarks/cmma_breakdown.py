@@ -26,9 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import SHAPES
-from timing import ROTATIONS, gpu_info, graph_time_us, pruned, write_csv
+from timing import ROTATIONS, csl_copies, gpu_info, graph_time_us, pruned, write_csv
 
-from flashllm_compile.codegen.formats.csl import CslWeight
 from flashllm_compile.codegen.kernels.csl_mma import csl_mma, get_csl_mma_configs
 from flashllm_compile.codegen.kernels.epilogue import fused_epilogue
 
@@ -55,8 +54,8 @@ def kernel_times_us(fn, calls: int = 5) -> dict[str, float]:
 
 def point(name: str, n: int, k: int, sparsity: float, m: int, dtype: torch.dtype) -> dict:
     weights = [pruned(n, k, sparsity, dtype) for _ in range(ROTATIONS)]
-    fmts = [CslWeight.from_dense(w) for w in weights]
-    max_groups = max(f.max_groups for f in fmts)
+    fmts = csl_copies(weights)
+    max_groups = fmts[0].max_groups
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = x.float() @ weights[0].float().t()
     dense_us = graph_time_us([lambda w=w: F.linear(x, w) for w in weights])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 
 import torch
 
 from flashllm_compile.codegen.autotune import replay_us
+from flashllm_compile.codegen.formats.csl import CslWeight
 
 # Enough distinct weight copies that the working set (>= 6 x 25 MB for the LLaMA-7B qkv weight) overflows
 # the H100's 50 MB L2: every replayed call reads its weight from HBM.
@@ -60,6 +62,15 @@ def pruned(n: int, k: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
     """A random [N, K] weight on the GPU with each entry zeroed with probability `sparsity` (unstructured)."""
     w = torch.randn(n, k, device="cuda", dtype=dtype)
     return w.masked_fill_(torch.rand(n, k, device="cuda") < sparsity, 0)
+
+
+def csl_copies(weights: Sequence[torch.Tensor]) -> list[CslWeight]:
+    """The rotated copies in Tiled-CSL, all with the largest copy's max_groups (a bound on every copy's groups), so
+    that one kernel and one tuned config run them all: random copies of one shape can round to different bounds
+    (LLaMA-13B qkv at 80%: 16 and 20), and a config tuned for 16 may not hold 20 (cmma_words_ok)."""
+    fmts = [CslWeight.from_dense(w) for w in weights]
+    bound = max(f.max_groups for f in fmts)
+    return [dataclasses.replace(f, max_groups=bound) for f in fmts]
 
 
 def gpu_info() -> dict[str, str]:

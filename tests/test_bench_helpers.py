@@ -1,6 +1,6 @@
 """CPU checks of the benchmark helpers: MLP channel zeroing (benchmarks/structured_prune.py, used by bench_e2e.py
 --structured), a smoke run of benchmarks/bench_passes.py on a tiny layer (no timing), and the kernel categories
-of benchmarks/profile_e2e.py, and the decode-step timing of benchmarks/timing.py."""
+of benchmarks/profile_e2e.py, and the decode-step timing and rotated Tiled-CSL copies of benchmarks/timing.py."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import bench_e2e
 import bench_passes
 import profile_e2e
 from structured_prune import weakest_channels, zero_fraction, zero_mlp_channels_
+
+from flashllm_compile.codegen.formats.csl import CslWeight
 
 LAYERS, HIDDEN, INTERMEDIATE = 2, 64, 128
 
@@ -241,3 +243,19 @@ def test_input_writer_rewrites_x_in_place():
     x.zero_()
     write()
     assert torch.equal(x, first)
+
+
+def test_csl_copies_share_the_largest_group_bound():
+    """timing.csl_copies: rotated Tiled-CSL copies whose own bounds differ all carry the largest one (so a config tuned
+    on the first runs every copy), and still decode to their weights."""
+    import timing
+
+    weights = []
+    for seed, sparsity in ((0, 0.9), (1, 0.5)):  # bounds 8 and 36 on their own
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(32, 256, generator=g).half()
+        weights.append(w.masked_fill_(torch.rand(32, 256, generator=g) < sparsity, 0))
+    own = [CslWeight.from_dense(w).max_groups for w in weights]
+    copies = timing.csl_copies(weights)
+    assert own[0] < own[1] and [f.max_groups for f in copies] == [own[1]] * 2
+    assert all(torch.equal(f.to_dense(), w) for f, w in zip(copies, weights))
