@@ -12,8 +12,9 @@ semi-structured sparsity (cuSPARSELt) on a 2:4-pruned weight at 50%.  Every call
 after a small kernel that writes its x (`*_us`, `speedup`), and ours and cuBLAS also back to back (`*_b2b_us`,
 `speedup_b2b`), where a kernel launched with programmatic dependent launch overlaps its own previous call: the two
 rank tile configs differently, and the tuner's ranking matches the first (benchmarks/RESULTS.md, idea 43).  Also
-the bytes floor (our format's bytes at the measured copy bandwidth) and the bandwidth each kernel achieves on the
-bytes it must move.
+the bytes floor (our format's bytes at the measured copy bandwidth), the read floor (the time to stream the same
+bytes read-only, which is slower per byte for fewer bytes: read_floor.py) with the best ratio over cuBLAS it allows,
+and the bandwidth each kernel achieves on the bytes it must move.
 Writes bench_kernels.csv and bench_kernels.png under --out and prints a table (geo-means per sparsity) last.
 """
 
@@ -27,6 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from read_floor import read_floor_us
 from timing import ROTATIONS, csl_copies, gpu_info, graph_time_us, input_writer, pruned, write_csv
 
 from flashllm_compile.codegen import autotune
@@ -106,6 +108,9 @@ def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
            "ours_b2b_us": ours_b2b, "cublas_b2b_us": dense_b2b, "speedup_b2b": dense_b2b / ours_b2b,
            "dispatched_speedup_b2b": dense_b2b / min(dense_b2b, ours_b2b),
            "ours_bytes_floor_us": (fmts[0].nbytes + io_bytes) / copy_gbps / 1e3,  # bytes at the copy rate
+           # the time to stream the same bytes read-only (read_floor.py), and the best ratio over cuBLAS it allows
+           "ours_read_floor_us": read_floor_us(fmts[0].nbytes + io_bytes),
+           "read_floor_speedup": read_floor_us(weights[0].nbytes + io_bytes) / read_floor_us(fmts[0].nbytes + io_bytes),
            "ours_GBps": (fmts[0].nbytes + io_bytes) / ours / 1e3,
            "cublas_GBps": (weights[0].nbytes + io_bytes) / dense / 1e3, "rel_err": err}
     if "csr" in references:
@@ -171,7 +176,8 @@ def main() -> None:
                     r = rows[-1]
                     print(f"{model}.{layer} {n}x{k} s={sparsity} M={m}: ours {r['ours_us']:.1f} us "
                           f"({r['kernel']} {r['config']}), cuBLAS {r['cublas_us']:.1f} us, x{r['speedup']:.2f}, "
-                          f"{r['ours_GBps']:.0f} GB/s", flush=True)
+                          f"{r['ours_GBps']:.0f} GB/s, {r['ours_read_floor_us'] / r['ours_us']:.0%} of its read floor "
+                          f"(x{r['read_floor_speedup']:.2f} at most)", flush=True)
                     write_csv(rows, os.path.join(args.out, "bench_kernels.csv"))  # so far: a cut-off run keeps it
     plot(rows, os.path.join(args.out, "bench_kernels.png"))
 

@@ -259,3 +259,15 @@ def test_csl_copies_share_the_largest_group_bound():
     copies = timing.csl_copies(weights)
     assert own[0] < own[1] and [f.max_groups for f in copies] == [own[1]] * 2
     assert all(torch.equal(f.to_dense(), w) for f, w in zip(copies, weights))
+
+
+def test_read_floor_kernel_reads_every_element_once():
+    """read_floor.sum_tiles (the read-only kernel timed as the size-aware bytes floor), under the interpreter: each
+    program sums its own tile, the last one partial."""
+    import read_floor
+
+    src = torch.randint(-50, 50, (2 * read_floor.READ_BLOCK + 77,), dtype=torch.int32)
+    out = torch.full((8,), -1, dtype=torch.int32)
+    sums = read_floor.sum_tiles(src, out)
+    expect = torch.stack([chunk.sum() for chunk in src.split(read_floor.READ_BLOCK)]).to(torch.int32)
+    assert torch.equal(sums, expect) and (out[3:] == -1).all()
