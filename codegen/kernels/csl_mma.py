@@ -37,8 +37,13 @@ CMMA_MAX_BLOCK_M = 64  # 8 tiles of 8 tokens share one scatter
 # 70-90%, M = 1..64: benchmarks/RESULTS.md, ninth session)
 CMMA_SHAPES = ((2, 1), (4, 1), (2, 2), (4, 2))
 # word loads / scatters guarded by a predicate a group (False), or entered by an indirect jump (True): neither wins
-# everywhere (H100, benchmarks/RESULTS.md idea 33: the jump +2-15% at M >= 8 and at 80-90%, 0.44-0.75x at 70% M = 1)
+# everywhere (H100, benchmarks/RESULTS.md idea 33: the jump +2-15% at M >= 8 and at 80-90%, 0.44-0.75x at 70% M = 1,
+# twelfth session).  Up to M = 16 only the jump is offered now: every config timed at 24 points (LLaMA-7B, 70-90%,
+# M = 1 / 8, sixteenth session) had a jump config fastest at each (the best guarded one 1.055x slower on geo-mean),
+# and the tuner picked one at 223 of 226 cmma points with M <= 16 in the fifteenth to seventeenth sessions' benches.
+# Half the candidates to compile and time there (RESULTS.md idea 47).
 CMMA_JUMPS = (False, True)
+CMMA_JUMP_ONLY_MAX_M = 16
 # The program's warps splitting its chunks (warp_split: no fp32 partials, no epilogue kernel, no block barrier a
 # chunk; each warp copies its own x) next to split-K 1 or 2 over programs.  H100, LLaMA-7B, 70-90%, best against
 # best (benchmarks/RESULTS.md idea 42): M = 1..8 1.02-1.03x on geo-mean, up to 1.17x (qkv 80% M = 4); M = 16 0.96x,
@@ -103,17 +108,18 @@ def cmma_default_config(m: int) -> TileConfig:
 
 def get_csl_mma_configs(m: int, max_groups: int) -> list[TileConfig]:
     """Tuning space for a weight whose segments need up to `max_groups` word registers: CMMA_SHAPES (warps x weight
-    tiles a warp, where shared memory and registers allow) x split-K 1..8 x CMMA_JUMPS; up to M = 16 also the warps
-    splitting the program's chunks (warp_split) x split-K 1, 2."""
+    tiles a warp, where shared memory and registers allow) x split-K 1..8 x CMMA_JUMPS (the jump only up to
+    CMMA_JUMP_ONLY_MAX_M); up to M = 16 also the warps splitting the program's chunks (warp_split) x split-K 1, 2."""
     if interpreting():
         return []
     block_m = cmma_block_m(m)
     nt = block_m // 8
+    jumps = (True,) if m <= CMMA_JUMP_ONLY_MAX_M else CMMA_JUMPS
     return [TileConfig("cmma", CSL_ROWS * (1 if split else warps) * rt, block_m, split_k, warps, depth, jump=jump,
                        warp_split=split)
             for warps, rt in CMMA_SHAPES
             for split, split_ks in ((False, (1, 2, 4, 8)), (True, CMMA_WARP_SPLIT_KS if m <= CMMA_WARP_SPLIT_MAX_M else ()))
-            for split_k in split_ks for depth in CMMA_DEPTHS for jump in CMMA_JUMPS
+            for split_k in split_ks for depth in CMMA_DEPTHS for jump in jumps
             if cmma_config_ok(warps, rt, nt, split) and cmma_words_ok(rt, nt, max_groups)]
 
 
