@@ -42,10 +42,20 @@ ROW_TILES = (1, 2, 4)  # weight tiles a warp may own
 MAX_PIECES = 16  # 16-byte pieces of an x chunk a thread copies (one unrolled cp.async each)
 
 
+def _x_copiers(warps: int, warp_split: bool) -> int:
+    """The groups of threads that each copy an x chunk for themselves: every warp when the warps split the chunks,
+    else the whole program (one group)."""
+    return warps if warp_split else 1
+
+
+def _x_area_bytes(warps: int, nt: int, x_buffers: int, warp_split: bool) -> int:
+    """`x_buffers` x chunk buffers [8 NT, 128] for each group of copying threads."""
+    return _x_copiers(warps, warp_split) * x_buffers * 8 * nt * X_ROW_BYTES
+
+
 def _smem_bytes(warps: int, rt: int, nt: int, x_buffers: int, warp_split: bool = False) -> int:
-    """One tile buffer per weight tile of every warp, and `x_buffers` x chunk buffers [8 NT, 128] (per warp when
-    the warps split the chunks: each copies its own)."""
-    return warps * rt * TILE_BYTES + (warps if warp_split else 1) * x_buffers * 8 * nt * X_ROW_BYTES
+    """One tile buffer per weight tile of every warp, and the x chunk buffers."""
+    return warps * rt * TILE_BYTES + _x_area_bytes(warps, nt, x_buffers, warp_split)
 
 
 def cmma_x_buffers(warps: int, rt: int, nt: int, warp_split: bool = False) -> int:
@@ -63,7 +73,7 @@ def cmma_config_ok(warps: int, rt: int, nt: int, warp_split: bool = False) -> bo
     """Whether a program of `warps` warps owning `rt` weight tiles each and NT 8-token tiles can be built: whole x
     pieces per thread (the program's threads copy an x chunk together; each warp its own when the warps split the
     chunks), static shared memory under the cap."""
-    threads = 32 if warp_split else 32 * warps
+    threads = 32 * warps // _x_copiers(warps, warp_split)
     return warps in (1, 2, 4, 8) and rt in ROW_TILES and nt >= 1 and (8 * nt * 16) % threads == 0 and \
         8 * nt * 16 // threads <= MAX_PIECES and cmma_smem_bytes(warps, rt, nt, warp_split) <= STATIC_SMEM_MAX
 
@@ -128,7 +138,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     ty = SMMA_TYPES[dtype]
     acc = 4 * nt * rt
     items, seg, xp, n0, nn, nc, c0, c1, t0, mm, sx, _ = (f"${acc + 1 + i}" for i in range(12))
-    threads = 32 if warp_split else 32 * warps  # the threads that copy one x chunk together
+    threads = 32 * warps // _x_copiers(warps, warp_split)  # the threads that copy one x chunk together
     xtile = 8 * nt * X_ROW_BYTES
     xbufs = cmma_x_buffers(warps, rt, nt, warp_split)
     pieces = 8 * nt * 16 // threads  # 16-byte pieces of an x chunk each thread copies
@@ -145,7 +155,7 @@ def cmma_ptx(warps: int, rt: int, nt: int, dtype: str, max_groups: int, depth: i
     counts = [[f"%cnt{j}_{r}" for r in tiles] for j in range(depth + 1)]
     per_tile = [f"%{name}{r}" for r in tiles for name in ("eS", "eN")]
     o = ["{", f".shared .align 16 .b8 flc_w[{warps * rt * TILE_BYTES}];",
-         f".shared .align 16 .b8 flc_x[{(warps if warp_split else 1) * xbufs * xtile}];",
+         f".shared .align 16 .b8 flc_x[{_x_area_bytes(warps, nt, xbufs, warp_split)}];",
          ".reg .pred %pe, %pl, %pg, %pc, " + ", ".join(f"%pw{r}" for r in tiles) + ";",
          ".reg .b32 %th, %lane, %warp, %rt, %c, %t, %t2, %t3, %nv, %xb, %xstep, %xo, %tb, %zb, %zc, %sa, %so, %z;",
          ".reg .b32 %xt, %xw, %c0w, %c1w;", ".reg .f32 %fa;",
