@@ -33,6 +33,7 @@ from flashllm_compile.codegen.kernels.bitmap_unpack import bitmap_unpack, get_bi
 from flashllm_compile.codegen.kernels.common import CompressedWeight, TileConfig
 from flashllm_compile.codegen.kernels.csl_mma import cmma_default_config, csl_mma, get_csl_mma_configs
 from flashllm_compile.codegen.kernels.host_math import next_power_of_2
+from flashllm_compile.codegen.kernels.launch import precompile
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +230,13 @@ class Autotuner:
                 log.debug("flashllm autotune: %s failed: %s", config.short() if config else "dense", e)
                 return None
 
+        candidates = candidate_configs(m, fmt)
+        # every candidate's kernels compiled at once first, not one by one as each is first timed
+        precompile([functools.partial(LAUNCHERS[config.family], x, fmt, None, config) for config in candidates])
         timings: list[tuple[float, str, TileConfig | None]] = []
         if dense_weight is not None:  # dense not running is an error, not a dropped candidate
             timings.append((bench_us(dense_call), "dense", None))
-        for config in candidate_configs(m, fmt):
+        for config in candidates:
             t = time_of(config)
             if t is not None:
                 timings.append((t, config.family, config))

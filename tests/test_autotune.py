@@ -57,6 +57,17 @@ def test_fastest_sparse_config_wins_and_is_cached(fmt, tmp_path, monkeypatch):
     assert again.hits == 1 and again.tunings == 0 and len(calls) == n_calls
 
 
+def test_candidates_are_precompiled_before_any_is_timed(fmt, tmp_path, monkeypatch):
+    """The tuner hands every candidate's launch to `precompile` (their kernels compile at once) before timing."""
+    fmt, w = fmt
+    configs = autotune.candidate_configs(4)
+    events = []
+    monkeypatch.setattr(autotune, "precompile", lambda calls: events.append([c.args[3] for c in calls]))
+    fake_bench(lambda c, n: events.append("timed") or (100.0 if c is None else 50.0), monkeypatch)
+    autotune.Autotuner().choose(fmt, 3, w, allow_dense=True, tune=True, cache_dir=str(tmp_path))
+    assert events[0] == configs and set(events[1:]) == {"timed"}
+
+
 def test_one_low_measurement_does_not_win(fmt, tmp_path, monkeypatch):
     """A candidate measured once far too low (a noisy flush subtraction) but slower on every re-measurement loses to
     the one that is fastest on its median: the finalists are timed again (CONFIRM_REPEATS)."""

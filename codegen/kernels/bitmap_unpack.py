@@ -18,6 +18,7 @@ from flashllm_compile.codegen.formats.bitmap import BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_decode import decode_bitmap_tile
 from flashllm_compile.codegen.kernels.common import TileConfig, check_launch, finish_split_k, interpreting
 from flashllm_compile.codegen.kernels.host_math import cdiv
+from flashllm_compile.codegen.kernels.launch import launch
 
 UNPACK_MIN_M = 16  # below this the row walk / tensor-core kernels (or the kept dense weight) are the candidates
 
@@ -52,9 +53,8 @@ def unpack_weight(fmt: BitmapWeight, block_n: int = 64, num_warps: int = 4) -> t
     out = torch.empty(fmt.n, fmt.k, device=fmt.values.device, dtype=fmt.dtype)
     if out.numel():
         grid = (cdiv(fmt.n, block_n), fmt.num_chunks)
-        _bitmap_unpack_kernel[grid](fmt.bitmap, fmt.offsets, fmt.values, out, fmt.n, fmt.k, fmt.num_chunks,
-                                    CHUNK_K=fmt.chunk_k, BLOCK_N=block_n, HW_POPC=not interpreting(),
-                                    num_warps=num_warps)
+        launch(_bitmap_unpack_kernel, grid, (fmt.bitmap, fmt.offsets, fmt.values, out, fmt.n, fmt.k, fmt.num_chunks),
+               CHUNK_K=fmt.chunk_k, BLOCK_N=block_n, HW_POPC=not interpreting(), num_warps=num_warps)
     return out
 
 

@@ -12,25 +12,32 @@ specialisation, so a cached kernel is always the one the JIT would pick: integer
 constexpr by name and value, plus num_warps, num_stages and the device.  Knobs read by the JIT at launch time (e.g.
 TRITON_DEBUG) are taken from a specialisation's first launch.
 
-Also here: programmatic dependent launch (`pdl_enabled`, `wait_for_previous_kernel`), which the kernels of the
+Also here: `precompile`, which compiles the kernels of many calls at once (a tuner's candidates), and programmatic
+dependent launch (`pdl_enabled`, `wait_for_previous_kernel`), which the kernels of the
 decode path use on Hopper to shorten the gap between dependent kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 
 import torch
 import triton
 import triton.language as tl
 from triton import knobs
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-from triton.runtime import driver
+from triton.runtime import _async_compile, driver
+from triton.runtime._async_compile import AsyncCompileMode
 
 _MAX_ENTRIES = 4096  # distinct (kernel, config, shape) launches kept; beyond, the cache starts over
 _COMPILED: dict[tuple, tuple] = {}  # key -> (CompiledKernel, constexpr values in signature order)
+_PRECOMPILING: ContextVar[bool] = ContextVar("flashllm_precompiling", default=False)
 
 
 def interpreting() -> bool:
@@ -82,11 +89,14 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, *, num_warps: int = 4, nu
     if interpreting():
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
+    options = {"launch_pdl": True} if pdl else {}
+    if _PRECOMPILING.get():  # compile only (on precompile's threads); the same options make the same JIT cache key
+        kernel.warmup(*args, grid=grid, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
+        return
     device = driver.active.get_current_device()
     key = (kernel, device, num_warps, num_stages, pdl, *constexprs.items(), *map(_arg_key, args))
     entry = _COMPILED.get(key)
     if entry is None:
-        options = {"launch_pdl": True} if pdl else {}
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
         bound = inspect.signature(kernel.fn).bind(*args, **constexprs)
         bound.apply_defaults()
@@ -104,6 +114,26 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, *, num_warps: int = 4, nu
         meta = hook_in = hook_out = None
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, meta, hook_in,
                  hook_out, *args, *tail)
+
+
+def precompile(calls: Iterable[Callable[[], object]], threads: int | None = None) -> None:
+    """Compile the Triton kernels that `calls` launch through `launch`, on `threads` threads at once, without running
+    them; each call's host code runs (allocations, and torch ops on its unset outputs).  So that a tuner's first
+    timing of each candidate finds its kernel compiled: compiling cmma's unrolled PTX takes ptxas ~1-2 s a config,
+    one after another otherwise.  Uses Triton's AsyncCompileMode (each compile on the pool; ptxas runs as a
+    subprocess).  A call that raises, or a kernel that fails to compile, is skipped: its real call raises again.
+    A no-op under the interpreter, and inside another AsyncCompileMode."""
+    if interpreting() or _async_compile.active_mode.get() is not None:  # (Triton allows one async mode at a time)
+        return
+    token = _PRECOMPILING.set(True)
+    try:
+        with ThreadPoolExecutor(threads or min(32, os.cpu_count() or 1)) as pool, \
+                AsyncCompileMode(pool, ignore_errors=True):
+            for call in calls:
+                with contextlib.suppress(Exception):
+                    call()
+    finally:
+        _PRECOMPILING.reset(token)
 
 
 def _hooked(hook) -> bool:
