@@ -39,6 +39,9 @@ def test_precompile_warms_up_with_the_launch_options_and_skips_failures(monkeypa
     assert not launch_mod._PRECOMPILING.get()  # after it, launch() launches again
 
 
-def test_precompile_is_a_no_op_in_the_interpreter(monkeypatch):
-    monkeypatch.setattr(launch_mod, "interpreting", lambda: True)
+@pytest.mark.parametrize("why", ["interpreter", "no async compile in this Triton"])
+def test_precompile_is_a_no_op(monkeypatch, why):
+    monkeypatch.setattr(launch_mod, "interpreting", lambda: why == "interpreter")
+    if why != "interpreter":
+        monkeypatch.setattr(launch_mod, "_async_compile", None)
     launch_mod.precompile([lambda: pytest.fail("a call ran")])

@@ -32,8 +32,12 @@ import triton
 import triton.language as tl
 from triton import knobs
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-from triton.runtime import _async_compile, driver
-from triton.runtime._async_compile import AsyncCompileMode
+from triton.runtime import driver
+
+try:  # a private module of Triton (3.4 and later): without it, precompile does nothing
+    from triton.runtime import _async_compile
+except ImportError:
+    _async_compile = None
 
 _MAX_ENTRIES = 4096  # distinct (kernel, config, shape) launches kept; beyond, the cache starts over
 _COMPILED: dict[tuple, tuple] = {}  # key -> (CompiledKernel, constexpr values in signature order)
@@ -119,16 +123,17 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, *, num_warps: int = 4, nu
 def precompile(calls: Iterable[Callable[[], object]], threads: int | None = None) -> None:
     """Compile the Triton kernels that `calls` launch through `launch`, on `threads` threads at once, without running
     them; each call's host code runs (allocations, and torch ops on its unset outputs).  So that a tuner's first
-    timing of each candidate finds its kernel compiled: compiling cmma's unrolled PTX takes ptxas ~1-2 s a config,
-    one after another otherwise.  Uses Triton's AsyncCompileMode (each compile on the pool; ptxas runs as a
-    subprocess).  A call that raises, or a kernel that fails to compile, is skipped: its real call raises again.
-    A no-op under the interpreter, and inside another AsyncCompileMode."""
-    if interpreting() or _async_compile.active_mode.get() is not None:  # (Triton allows one async mode at a time)
+    timing of each candidate finds its kernel compiled instead of compiling it then: a shape's first tuning ran
+    1.5-2.6x faster on a 16-core H100 host (benchmarks/RESULTS.md idea 49).  Uses Triton's AsyncCompileMode (each
+    compile on the pool; ptxas runs as a subprocess).  A call that raises, or a kernel that fails to compile, is
+    skipped: its real call raises again.  A no-op under the interpreter, inside another AsyncCompileMode (Triton
+    allows one at a time), and with a Triton that has none."""
+    if interpreting() or _async_compile is None or _async_compile.active_mode.get() is not None:
         return
     token = _PRECOMPILING.set(True)
     try:
         with ThreadPoolExecutor(threads or min(32, os.cpu_count() or 1)) as pool, \
-                AsyncCompileMode(pool, ignore_errors=True):
+                _async_compile.AsyncCompileMode(pool, ignore_errors=True):
             for call in calls:
                 with contextlib.suppress(Exception):
                     call()
