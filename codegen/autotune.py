@@ -221,18 +221,21 @@ class Autotuner:
         def dense_call() -> torch.Tensor:
             return dense_linear(x_dense, dense_weight)
 
+        def sparse_call(config: TileConfig) -> functools.partial:
+            return functools.partial(LAUNCHERS[config.family], x, fmt, None, config)
+
         def time_of(config: TileConfig | None) -> float | None:
             """One measurement of a sparse config, or of dense (None); None where it cannot run (e.g. a config needing
             more shared memory than this GPU has)."""
             try:
-                return bench_us(dense_call if config is None else lambda: LAUNCHERS[config.family](x, fmt, None, config))
+                return bench_us(dense_call if config is None else sparse_call(config))
             except Exception as e:  # noqa: BLE001 -- reported; the candidate is dropped, or keeps what it measured
                 log.debug("flashllm autotune: %s failed: %s", config.short() if config else "dense", e)
                 return None
 
         candidates = candidate_configs(m, fmt)
         # every candidate's kernels compiled at once first, not one by one as each is first timed
-        precompile([functools.partial(LAUNCHERS[config.family], x, fmt, None, config) for config in candidates])
+        precompile([sparse_call(config) for config in candidates])
         timings: list[tuple[float, str, TileConfig | None]] = []
         if dense_weight is not None:  # dense not running is an error, not a dropped candidate
             timings.append((bench_us(dense_call), "dense", None))

@@ -93,15 +93,14 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, *, num_warps: int = 4, nu
     if interpreting():
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
         return
-    options = {"launch_pdl": True} if pdl else {}
     if _PRECOMPILING.get():  # compile only (on precompile's threads); the same options make the same JIT cache key
-        kernel.warmup(*args, grid=grid, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
+        kernel.warmup(*args, grid=grid, **constexprs, num_warps=num_warps, num_stages=num_stages, **_options(pdl))
         return
     device = driver.active.get_current_device()
     key = (kernel, device, num_warps, num_stages, pdl, *constexprs.items(), *map(_arg_key, args))
     entry = _COMPILED.get(key)
     if entry is None:
-        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **options)
+        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **_options(pdl))
         bound = inspect.signature(kernel.fn).bind(*args, **constexprs)
         bound.apply_defaults()
         if len(_COMPILED) >= _MAX_ENTRIES:
@@ -118,6 +117,11 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, *, num_warps: int = 4, nu
         meta = hook_in = hook_out = None
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, meta, hook_in,
                  hook_out, *args, *tail)
+
+
+def _options(pdl: bool) -> dict:
+    """The JIT's launch options (part of its cache key): built only where the JIT is called, not on every launch."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def precompile(calls: Iterable[Callable[[], object]], threads: int | None = None) -> None:
