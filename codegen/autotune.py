@@ -46,8 +46,9 @@ def candidate_configs(m: int, fmt: CompressedWeight | None = None) -> list[TileC
     """Every sparse config worth timing for M tokens on `fmt`'s format (default: the bitmap's), all families."""
     if isinstance(fmt, CslWeight):
         return get_csl_mma_configs(m, fmt.max_groups)
-    return (get_bitmap_rowwalk_configs(m) + get_bitmap_fmma_configs(m) + get_bitmap_smma_configs(m)
-            + get_bitmap_mma_configs(m) + get_bitmap_unpack_configs(m))
+    row_walk = get_bitmap_rowwalk_configs(m) if fmt is None or not fmt.tile_rows else []  # needs row-major values
+    return (row_walk + get_bitmap_fmma_configs(m) + get_bitmap_smma_configs(m) + get_bitmap_mma_configs(m)
+            + get_bitmap_unpack_configs(m))
 DENSITY_STEP = 0.05  # densities within one step share a tuning result
 MAX_M_BUCKET = 4096  # larger M reuses the 4096 decision
 TUNE_WARMUP_MS, TUNE_REP_MS = 2, 10
@@ -86,11 +87,12 @@ def m_bucket(m: int) -> int:
     return min(MAX_M_BUCKET, next_power_of_2(max(m, 1)))
 
 
-def default_config(m: int) -> TileConfig:
-    """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture)."""
+def default_config(m: int, row_major: bool = True) -> TileConfig:
+    """Untuned choice (autotune off, or M first seen inside a CUDA-graph capture) on a bitmap weight whose values
+    are row-major or not (the row walk needs them row-major)."""
     # The configs the H100 tuner picked most often on LLaMA-7B shapes (benchmarks/RESULTS.md); the previous
     # defaults cost 1.06-1.45x the tuned pick (benchmarks/determinism.py); these were not re-measured.
-    if m <= ROWWALK_MAX_M:
+    if m <= ROWWALK_MAX_M and row_major:
         return TileConfig("rowwalk", 16, next_power_of_2(max(m, 1)), 1, 16, 1, 32)
     if m <= 64:
         return TileConfig("mma", 128, max(16, next_power_of_2(m)), 4, 4, 2)
@@ -102,7 +104,8 @@ def untuned_choice(m: int, allow_dense: bool, fmt: CompressedWeight | None = Non
     default sparse config for M on `fmt`'s format."""
     if allow_dense:
         return Choice("dense", None, float("nan"), float("nan"))
-    config = cmma_default_config(m) if isinstance(fmt, CslWeight) else default_config(m)
+    config = cmma_default_config(m) if isinstance(fmt, CslWeight) else default_config(
+        m, fmt is None or not fmt.tile_rows)
     return Choice(config.family, config, float("nan"), float("nan"))
 
 
@@ -130,13 +133,14 @@ def dense_shape(dense: torch.Tensor | list[torch.Tensor] | None) -> tuple[int, i
 
 
 def _key(fmt: CompressedWeight, m: int, allow_dense: bool, dense: tuple[int, int] | None = None) -> str:
-    """The bitmap: "<dtype>:<N>x<K>:ck<chunk_k>:d<density>:m<M bucket>:dense<0|1>[:full<N>x<K>]"; Tiled-CSL: the same
+    """The bitmap: "<dtype>:<N>x<K>:ck<chunk_k>[t<tile_rows>]:d<density>:m<M bucket>:dense<0|1>[:full<N>x<K>]"
+    (t16: tile-major values); Tiled-CSL: the same
     with "csl:" in front and the kernel's word registers "g<max_groups>" for ck (density counts its filler words)."""
     density = round(round(fmt.nnz / max(1, fmt.n * fmt.k) / DENSITY_STEP) * DENSITY_STEP, 2)
     dtype = str(fmt.dtype).removeprefix("torch.")
     full = f":full{dense[0]}x{dense[1]}" if allow_dense and dense is not None and dense != (fmt.n, fmt.k) else ""
     layout = f"csl:{dtype}:{fmt.n}x{fmt.k}:g{fmt.max_groups}" if isinstance(fmt, CslWeight) else \
-        f"{dtype}:{fmt.n}x{fmt.k}:ck{fmt.chunk_k}"
+        f"{dtype}:{fmt.n}x{fmt.k}:ck{fmt.chunk_k}" + (f"t{fmt.tile_rows}" if fmt.tile_rows else "")
     return f"{layout}:d{density}:m{m_bucket(m)}:dense{int(allow_dense)}{full}"
 
 

@@ -191,7 +191,7 @@ def weight_format(layout: str | None, t0: torch.Tensor, t1: torch.Tensor, t2: to
                   param: int) -> BitmapWeight | CslWeight:
     """The compressed weight an op call carries: its three tensor operands and its integer format argument."""
     if layout in (None, BitmapWeight.LAYOUT):
-        return BitmapWeight(t0, t1, t2, n, k, param)
+        return BitmapWeight.from_op_param(t0, t1, t2, n, k, param)
     if layout == CslWeight.LAYOUT:
         return CslWeight(t0, t1, t2, n, k, param)
     raise ValueError(f"flashllm: unknown weight layout {layout!r}")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
-from flashllm_compile.codegen.formats.bitmap import DEFAULT_CHUNK_K, BitmapWeight
+from flashllm_compile.codegen.formats.bitmap import DEFAULT_CHUNK_K, BitmapWeight, tile_rows_for
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES
 from flashllm_compile.options import KernelPreference
 
@@ -30,6 +30,7 @@ class SparseLinear(nn.Module):
                  kernel: KernelPreference = KernelPreference.AUTO):
         super().__init__()
         self.in_features, self.out_features, self.chunk_k = fmt.k, fmt.n, fmt.chunk_k
+        self.format_param = fmt.op_param  # chunk_k and the values' order
         self.register_buffer("bitmap", fmt.bitmap)
         self.register_buffer("offsets", fmt.offsets)
         self.register_buffer("values", fmt.values)
@@ -42,11 +43,12 @@ class SparseLinear(nn.Module):
         return self.format().to_dense()
 
     def format(self) -> BitmapWeight:
-        return BitmapWeight(self.bitmap, self.offsets, self.values, self.out_features, self.in_features, self.chunk_k)
+        return BitmapWeight.from_op_param(self.bitmap, self.offsets, self.values, self.out_features, self.in_features,
+                                          self.format_param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.flashllm.sparse_linear(x, self.bitmap, self.offsets, self.values, self.bias, None,
-                                                self.out_features, self.in_features, self.chunk_k,
+                                                self.out_features, self.in_features, self.format_param,
                                                 self.kernel.value, self.name, -1)
 
     def extra_repr(self) -> str:
@@ -78,7 +80,7 @@ def sparsify_(model: nn.Module, min_sparsity: float = 0.5, filter_fn: Callable[[
         with torch.no_grad():
             if (weight == 0).sum().item() / weight.numel() < min_sparsity:
                 continue
-            fmt = BitmapWeight.from_dense(weight, chunk_k)
+            fmt = BitmapWeight.from_dense(weight, chunk_k, tile_rows_for(weight))
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child,
                 SparseLinear(fmt, module.bias, name, kernel))

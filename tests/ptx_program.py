@@ -25,8 +25,10 @@ from flashllm_compile.codegen.kernels.smma_ptx import smma_constraints, smma_ptx
 
 family, block_n, block_m, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 partials, bounded, x_shared, workdir = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1", Path(sys.argv[8])
+linear = sys.argv[9] == "1"
 nt = block_m // 8
-asm = smma_ptx(block_n, nt, dtype) if family == "smma" else fmma_ptx(block_n // 16, nt, dtype, bounded, x_shared)
+asm = smma_ptx(block_n, nt, dtype) if family == "smma" else fmma_ptx(block_n // 16, nt, dtype, bounded, x_shared,
+                                                                     linear=linear)
 ty = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
 signature = {"x_ptr": f"*{ty}", "bitmap_ptr": "*i32", "offsets_ptr": "*i32", "values_ptr": f"*{ty}",
              "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "out_ptr": "*fp32" if partials else f"*{ty}", "M": "i32",
@@ -59,11 +61,12 @@ print(json.dumps(result))
 
 
 def compile_program(family: str, block_n: int, block_m: int, dtype: str, partials: bool, tmp_path,
-                    bounded: bool = True, x_shared: bool = True) -> dict:
+                    bounded: bool = True, x_shared: bool = True, linear: bool = False) -> dict:
     """The child's report (elements / layout of the tensor the PTX runs on, static shared bytes, and from the SASS:
-    spills and instruction counts); skips when this Triton build has no ptxas."""
-    return _run_child(CHILD, [family, block_n, block_m, dtype, int(partials), int(bounded), int(x_shared), tmp_path],
-                      tmp_path)
+    spills and instruction counts); skips when this Triton build has no ptxas.  `linear`: fmma's staging of
+    tile-major values."""
+    return _run_child(CHILD, [family, block_n, block_m, dtype, int(partials), int(bounded), int(x_shared), tmp_path,
+                              int(linear)], tmp_path)
 
 
 CMMA_CHILD = r'''

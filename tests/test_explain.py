@@ -83,7 +83,7 @@ def test_str_has_table_and_triton_source(report_and_state):
     assert "# bfind.u32 %j, %low;" in rowwalk  # the inline PTX of its inner loop
     fmma = report.kernel_sources["fmma"]
     assert "def _bitmap_smma_kernel(" in fmma  # the Triton program around the PTX is smma's
-    assert "# prmt.b32 %sel, %tlo, %thi, %i;" in fmma and "# mma.sync.aligned.m16n8k16" in fmma  # its PTX body
+    assert "# prmt.b32 %s01A0, %tlo, %thi, %kA0;" in fmma and "# mma.sync.aligned.m16n8k16" in fmma  # its PTX body
 
 
 def test_to_dict_is_json(report_and_state):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from ptx_program import assert_one_element_per_thread, compile_program
 
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.bitmap import TILE_ROWS, BitmapWeight
 from flashllm_compile.codegen.kernels.common import TileConfig
-from flashllm_compile.codegen.kernels.fmma_ptx import SHIFT_TABLE, TABLE_HI, TABLE_LO
+from flashllm_compile.codegen.kernels.fmma_ptx import FIELD_BYTES, FIELD_INDEX, TABLE_HI, TABLE_LO, WTABLE_HI, WTABLE_LO
 
 POISON = 0xDEADBEEF  # what a register holds when its window word was not loaded
 
@@ -42,29 +42,45 @@ def decode_thread(word: int, run: bytes, first: int, s: int) -> tuple[int, int]:
     v = [int.from_bytes(run[a4 + 4 * j: a4 + 4 * j + 4].ljust(4, b"\0"), "little") if loaded[j] else POISON
          for j in range(3)]
     lo, hi = shf_r(v[0], v[1], (a << 3) & 31), shf_r(v[1], v[2], (a << 3) & 31)
-    i01, i23 = word >> 4 * s & 3, word >> 4 * s + 2 & 3
-    a01 = prmt(lo, 0, prmt(TABLE_LO, TABLE_HI, i01 * 34 + 16))
-    lo = shf_r(lo, hi, min(prmt(SHIFT_TABLE, 0, i01), 32))
-    return a01, prmt(lo, 0, prmt(TABLE_LO, TABLE_HI, i23 * 34 + 16))
+    # table selectors of k-steps 2 u + h (u = 0..3, one a byte), looked up two k-steps a prmt
+    h, u = s % 2, s // 2
+
+    def index(shift: int) -> int:
+        return ((word >> shift & FIELD_BYTES) * FIELD_INDEX[0] + FIELD_INDEX[1]) & 0xFFFFFFFF
+
+    c01, c23 = (index(4 * h) >> 16 * (u // 2)), (index(4 * h + 2) >> 16 * (u // 2))
+    sel01, selw, sel23 = (prmt(lo_t, hi_t, c) >> 16 * (u % 2) for lo_t, hi_t, c in (
+        (TABLE_LO, TABLE_HI, c01), (WTABLE_LO, WTABLE_HI, c01), (TABLE_LO, TABLE_HI, c23)))
+    return prmt(lo, 0, sel01), prmt(prmt(lo, hi, selw), 0, sel23)
 
 
+@pytest.mark.parametrize("tile_rows", [0, TILE_ROWS])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.8, 0.97, 1.0])
-def test_decode_model_rebuilds_every_tile(sparsity):
-    n, k = 16, 256  # one warp's rows, two chunks
+def test_decode_model_rebuilds_every_tile(sparsity, tile_rows):
+    """Row-major values: each row's run is staged in its own slot (_stage_row).  Tile-major: the warp's 16 runs are
+    one segment, staged whole (_stage_segment), and a row's run sits at its offset within it."""
+    n, k = 2 * TILE_ROWS, 256  # two warps' rows, two chunks
     weight = torch.randn(n, k, dtype=torch.float16)
     weight[torch.rand(n, k) < sparsity] = 0
-    fmt = BitmapWeight.from_dense(weight)
+    fmt = BitmapWeight.from_dense(weight, tile_rows=tile_rows)
     words = fmt.bitmap.numpy().view(np.uint32)
     values = fmt.values.view(torch.int16).numpy().tobytes()
     rebuilt = np.zeros((n, k), dtype=np.uint16)
     for chunk in range(fmt.num_chunks):
         for row in range(n):
             start = int(fmt.offsets[chunk, row])
-            mis = 2 * start % 16  # the stage starts at the 16-byte block holding the run's first value
-            run = values[2 * start - mis: 2 * start - mis + 272]
+            if tile_rows:  # the segment of the warp's rows r0 .. r0 + 15 from its 16-byte block on
+                seg = int(fmt.offsets[chunk, row - row % TILE_ROWS])
+                mis = 2 * seg % 16
+                run = values[2 * seg - mis: 2 * int(fmt.offsets[chunk + 1, row - row % TILE_ROWS])]
+                first_row = mis + 2 * (start - seg)
+            else:
+                mis = 2 * start % 16  # the stage starts at the 16-byte block holding the run's first value
+                run = values[2 * start - mis: 2 * start - mis + 272]
+                first_row = mis
             for t in range(4):  # the thread that owns word t of this row
                 word = int(words[row, 4 * chunk + t])
-                first = mis + 2 * sum(int(words[row, 4 * chunk + j]).bit_count() for j in range(t))
+                first = first_row + 2 * sum(int(words[row, 4 * chunk + j]).bit_count() for j in range(t))
                 for s in range(8):  # fragment slots (2t, 2t+1) / (2t+8, 2t+9) hold columns 32 t + 4 s + 0..3
                     a01, a23 = decode_thread(word, run, first, s)
                     col = 128 * chunk + 32 * t + 4 * s
@@ -72,12 +88,14 @@ def test_decode_model_rebuilds_every_tile(sparsity):
     assert np.array_equal(rebuilt, weight.view(torch.int16).numpy().view(np.uint16))
 
 
-@pytest.mark.parametrize("warps, block_m, dtype, partials, bounded, x_shared", [
-    (2, 8, "float16", False, False, False), (4, 16, "bfloat16", True, False, True), (2, 32, "float16", True, True, True)])
-def test_fmma_compiles_for_sm90(warps, block_m, dtype, partials, bounded, x_shared, tmp_path):
+@pytest.mark.parametrize("warps, block_m, dtype, partials, bounded, x_shared, linear", [
+    (2, 8, "float16", False, False, False, False), (4, 16, "bfloat16", True, False, True, False),
+    (2, 32, "float16", True, True, True, False), (2, 8, "float16", False, False, False, True),
+    (4, 16, "bfloat16", True, True, True, True)])
+def test_fmma_compiles_for_sm90(warps, block_m, dtype, partials, bounded, x_shared, linear, tmp_path):
     from flashllm_compile.codegen.kernels.fmma_ptx import STATIC_SMEM_MAX, fmma_smem_bytes
 
-    result = compile_program("fmma", 16 * warps, block_m, dtype, partials, tmp_path, bounded, x_shared)
+    result = compile_program("fmma", 16 * warps, block_m, dtype, partials, tmp_path, bounded, x_shared, linear)
     assert_one_element_per_thread(result, warps)
     assert result["shared"] == fmma_smem_bytes(warps, block_m // 8, x_shared) <= STATIC_SMEM_MAX
     if "spills" in result:

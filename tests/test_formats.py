@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.bitmap import TILE_ROWS, BitmapWeight, tile_rows_for, values_slack_bytes
 
 
 def random_sparse(n, k, sparsity, dtype=torch.float16, seed=0):
@@ -65,3 +65,43 @@ def test_bad_input_raises(bad, match):
 def test_bad_chunk_raises():
     with pytest.raises(ValueError, match="multiple of 32"):
         BitmapWeight.from_dense(torch.ones(2, 2), chunk_k=48)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 70), k=st.integers(1, 300), sparsity=st.floats(0, 1), chunk_k=st.sampled_from([32, 128]),
+       seed=st.integers(0, 2**16))
+def test_tile_major_round_trip_and_segments(n, k, sparsity, chunk_k, seed):
+    """Tile-major values: the same runs as row-major (offsets[c, n] finds each), one contiguous segment per 16-row
+    block and chunk (what fmma stages whole), offsets[C, n] the end of row n's block."""
+    w = random_sparse(n, k, sparsity, torch.float16, seed)
+    row_major, tiled = BitmapWeight.from_dense(w, chunk_k), BitmapWeight.from_dense(w, chunk_k, TILE_ROWS)
+    assert torch.equal(tiled.to_dense(), w) and torch.equal(tiled.bitmap, row_major.bitmap)
+    assert tiled.nnz == row_major.nnz and values_slack_bytes(tiled.values) >= 16
+    counts = (row_major.offsets[1:] - row_major.offsets[:-1]).t()  # [N, C]
+    for row in range(n):
+        for c in range(tiled.num_chunks):
+            a, b = int(row_major.offsets[c, row]), int(tiled.offsets[c, row])
+            assert torch.equal(tiled.values[b: b + counts[row, c]], row_major.values[a: a + counts[row, c]])
+    expected = 0
+    for block in range(0, n, TILE_ROWS):  # segments in (block, chunk, row) order, back to back
+        for c in range(tiled.num_chunks):
+            for row in range(block, min(block + TILE_ROWS, n)):
+                assert int(tiled.offsets[c, row]) == expected
+                expected += int(counts[row, c])
+        assert all(int(tiled.offsets[-1, row]) == expected for row in range(block, min(block + TILE_ROWS, n)))
+    assert expected == tiled.nnz
+
+
+def test_op_param_carries_chunk_k_and_the_values_order():
+    w = random_sparse(20, 100, 0.5)
+    for tile_rows in (0, TILE_ROWS):
+        fmt = BitmapWeight.from_dense(w, 64, tile_rows)
+        back = BitmapWeight.from_op_param(*fmt.tensors(), fmt.n, fmt.k, fmt.op_param)
+        assert (back.chunk_k, back.tile_rows) == (64, tile_rows) and torch.equal(back.to_dense(), w)
+    with pytest.raises(ValueError, match="tile_rows must be 0"):
+        BitmapWeight.from_dense(w, 64, 8)
+
+
+def test_compiler_stores_tile_major_values_only_below_the_row_walks_sparsity():
+    assert tile_rows_for(random_sparse(64, 64, 0.5)) == TILE_ROWS
+    assert tile_rows_for(random_sparse(64, 64, 0.9)) == 0  # the row walk competes there and needs row-major

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs, default_config, untuned_choice
+from flashllm_compile.codegen.formats.bitmap import TILE_ROWS, BitmapWeight
 from flashllm_compile.codegen.kernels.bitmap_mma import bitmap_mma, get_bitmap_mma_configs
 from flashllm_compile.codegen.kernels.bitmap_rowwalk import bitmap_rowwalk, get_bitmap_rowwalk_configs
 from flashllm_compile.codegen.kernels.bitmap_unpack import get_bitmap_unpack_configs, unpack_weight
@@ -70,6 +70,27 @@ def test_every_tuned_config_is_correct_on_an_odd_shape():
     for config in configs:
         launch = LAUNCHERS[config.family]
         assert rel_err(launch(x, fmt, b, config), ref) < 1e-2, config
+
+
+@pytest.mark.parametrize("family, m", [("mma", 3), ("mma", 16), ("unpack", 17)])
+def test_tile_families_run_tile_major_values(family, m):
+    """Tile kernels find each (row, chunk) run through offsets[c, n]: the tile-major order gives the same result,
+    bit for bit (same values, same sums)."""
+    w, x, b, ref = make_case(37, 300, m, 0.5, torch.float16)
+    row_major, tiled = BitmapWeight.from_dense(w, 128), BitmapWeight.from_dense(w, 128, TILE_ROWS)
+    config = CONFIGS[family](m)[0]._replace(split_k=2)
+    y = LAUNCHERS[family](x, tiled, b, config)
+    assert rel_err(y, ref) < 1e-2 and torch.equal(y, LAUNCHERS[family](x, row_major, b, config))
+
+
+def test_row_walk_refuses_tile_major_values_and_is_not_offered_there():
+    w, x, b, _ = make_case(37, 300, 3, 0.5, torch.float16)
+    tiled = BitmapWeight.from_dense(w, 128, TILE_ROWS)
+    with pytest.raises(ValueError, match="row walk needs the bitmap's values row-major"):
+        bitmap_rowwalk(x, tiled, b, get_bitmap_rowwalk_configs(3)[0])
+    assert not any(c.family == "rowwalk" for c in candidate_configs(3, tiled))
+    assert any(c.family == "rowwalk" for c in candidate_configs(3, BitmapWeight.from_dense(w, 128)))
+    assert untuned_choice(3, False, tiled).family == "mma" and default_config(3).family == "rowwalk"
 
 
 def test_all_zero_and_fully_dense_weights():

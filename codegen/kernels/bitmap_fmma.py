@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from flashllm_compile.codegen.epilogue_spec import Epilogue
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight, values_slack_bytes
+from flashllm_compile.codegen.formats.bitmap import TILE_ROWS, BitmapWeight, values_slack_bytes
 from flashllm_compile.codegen.kernels.bitmap_smma import _bitmap_smma_kernel, _whole_chunks, smma_supported
 from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
 from flashllm_compile.codegen.kernels.fmma_ptx import fmma_ptx, fmma_smem_bytes
@@ -67,6 +67,7 @@ def bitmap_fmma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
     dtype = str(x.dtype).removeprefix("torch.")
     nt, x_smem = config.block_m // 8, config.num_stages == X_SHARED
     bounded = values_slack_bytes(fmt.values) < 16  # e.g. values built by hand or moved: bound every copy
+    linear = fmt.tile_rows == TILE_ROWS  # tile-major values: each warp stages its chunk's segment at once
     return launch_bitmap_kernel(_bitmap_fmma_kernel, x, fmt, bias, config, grid_m=cdiv(x.shape[0], config.block_m),
                                 epilogue=epilogue, prepare_x=lambda x: _whole_chunks(x, fmt),
-                                ASM=fmma_ptx(config.num_warps, nt, dtype, bounded, x_smem), CONSTRAINTS=smma_constraints(nt))
+                                ASM=fmma_ptx(config.num_warps, nt, dtype, bounded, x_smem, linear=linear), CONSTRAINTS=smma_constraints(nt))

@@ -221,6 +221,9 @@ def bitmap_rowwalk(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None
     """x: [M, K] with M <= config.block_m -> [M, N] (N_out with an epilogue), row-walking CUDA-core kernel.
     Checks, allocates, launches."""
     check_launch(x, fmt, bias)
+    if fmt.tile_rows:
+        raise ValueError("the row walk needs the bitmap's values row-major (tile_rows=0): each lane follows one row's "
+                         f"values across the chunks; this weight is tile-major (tile_rows={fmt.tile_rows})")
     m = x.shape[0]
     if m > config.block_m:
         raise ValueError(f"rowwalk config covers {config.block_m} tokens, got M={m}")

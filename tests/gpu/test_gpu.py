@@ -42,6 +42,29 @@ def test_every_family_on_llama7b_shapes(layer, dtype, sparsity):
             assert err < 1e-2, (layer, m, config, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k, sparsity", [(1040, 4200, 0.5), (333, 1000, 0.0), (200, 4200, 0.97), (4096, 4096, 0.6)])
+def test_fmma_every_config_on_tile_major_values(n, k, sparsity, dtype):
+    """fmma's linear staging (tile-major values): every config, values with and without 16 bytes of slack after them
+    (the bounded copies), odd N (a partial 16-row block) and K (a partial chunk)."""
+    import dataclasses
+
+    from flashllm_compile.codegen.formats.bitmap import TILE_ROWS
+    from flashllm_compile.codegen.kernels.bitmap_fmma import bitmap_fmma, get_bitmap_fmma_configs
+
+    w = pruned(n, k, sparsity, dtype)
+    tiled = BitmapWeight.from_dense(w, tile_rows=TILE_ROWS)
+    tight = dataclasses.replace(tiled, values=tiled.values.clone())  # no slack: every copy bounded
+    for m in (1, 5, 16, 33, 64):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = torch.nn.functional.linear(x.float(), w.float())
+        for config in get_bitmap_fmma_configs(m):
+            for fmt in (tiled, tight):
+                y = bitmap_fmma(x, fmt, None, config)
+                err = ((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                assert torch.isfinite(y).all() and err < 1e-2, (n, k, sparsity, m, config, err)
+
+
 def test_compiled_llama_fp16_matches_eager_and_uses_sparse_kernels():
     transformers = pytest.importorskip("transformers")
     from torch._dynamo.utils import counters
