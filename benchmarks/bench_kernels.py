@@ -32,7 +32,7 @@ from read_floor import read_floor_us
 from timing import ROTATIONS, csl_copies, gpu_info, graph_time_us, input_writer, pruned, write_csv
 
 from flashllm_compile.codegen import autotune
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight, tile_rows_for
+from flashllm_compile.codegen.formats.bitmap import COMPILER_ORDER, BitmapWeight
 from flashllm_compile.codegen.kernels.csl_mma import CMMA_MAX_M
 from flashllm_compile.passes.rewrite_sparse_linear import CSL_MAX_DENSITY, CSL_MIN_GAIN
 
@@ -90,7 +90,7 @@ def bench_point(model, layer, n, k, sparsity, m, dtype, copy_gbps, references):
     write_x = input_writer(x)
     ref = torch.nn.functional.linear(x.float(), weights[0].float())
     where = f"{model}.{layer} M={m} s={sparsity}"
-    fmts = [BitmapWeight.from_dense(w, tile_rows=tile_rows_for(w)) for w in weights]  # the compiler's order
+    fmts = [BitmapWeight.from_dense(w, tile_rows=COMPILER_ORDER) for w in weights]
     choice, (ours, ours_b2b), err = best_of_format(fmts, x, ref, where, write_x)
     bitmap_us, csl_us = ours, float("nan")
     if 1 - sparsity <= CSL_MAX_DENSITY and m <= CMMA_MAX_M and dtype in (torch.float16, torch.bfloat16):

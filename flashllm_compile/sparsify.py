@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import flashllm_compile.ops  # noqa: F401  (registers torch.ops.flashllm)
-from flashllm_compile.codegen.formats.bitmap import DEFAULT_CHUNK_K, BitmapWeight, tile_rows_for
+from flashllm_compile.codegen.formats.bitmap import COMPILER_ORDER, DEFAULT_CHUNK_K, BitmapWeight
 from flashllm_compile.codegen.kernels.common import KERNEL_DTYPES
 from flashllm_compile.options import KernelPreference
 
@@ -80,7 +80,7 @@ def sparsify_(model: nn.Module, min_sparsity: float = 0.5, filter_fn: Callable[[
         with torch.no_grad():
             if (weight == 0).sum().item() / weight.numel() < min_sparsity:
                 continue
-            fmt = BitmapWeight.from_dense(weight, chunk_k, tile_rows_for(weight))
+            fmt = BitmapWeight.from_dense(weight, chunk_k, COMPILER_ORDER)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child,
                 SparseLinear(fmt, module.bias, name, kernel))

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight, tile_rows_for
+from flashllm_compile.codegen.formats.bitmap import COMPILER_ORDER, BitmapWeight
 from flashllm_compile.codegen.formats.cache import STATS, derive_once
 from flashllm_compile.passes.fx_meta import call_with_meta
 
@@ -103,7 +103,7 @@ def structured_slice(weights: Sequence[torch.Tensor], chunk_k: int, transposed: 
                 row_pos[rows] = torch.arange(rows.numel(), device=w.device)
             if cols is not None:
                 w = w[:, cols]  # [N', K']
-            fmt = BitmapWeight.from_dense(w, chunk_k, tile_rows_for(w))
+            fmt = BitmapWeight.from_dense(w, chunk_k, COMPILER_ORDER)
         STATS["compressions"] += 1
         return StructuredSlice(fmt, *nonzero.shape, rows, row_pos, row_keep, cols, propagated)
 

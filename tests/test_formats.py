@@ -5,7 +5,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashllm_compile.codegen.formats.bitmap import TILE_ROWS, BitmapWeight, tile_rows_for, values_slack_bytes
+from flashllm_compile.codegen.formats.bitmap import (
+    COMPILER_ORDER,
+    TILE_ROWS,
+    BitmapWeight,
+    tile_rows_for,
+    values_slack_bytes,
+)
 
 
 def random_sparse(n, k, sparsity, dtype=torch.float16, seed=0):
@@ -105,3 +111,6 @@ def test_op_param_carries_chunk_k_and_the_values_order():
 def test_compiler_stores_tile_major_values_only_below_the_row_walks_sparsity():
     assert tile_rows_for(random_sparse(64, 64, 0.5)) == TILE_ROWS
     assert tile_rows_for(random_sparse(64, 64, 0.9)) == 0  # the row walk competes there and needs row-major
+    for sparsity in (0.5, 0.9):  # from_dense's COMPILER_ORDER picks the same from its own count of nonzeros
+        w = random_sparse(64, 200, sparsity)
+        assert BitmapWeight.from_dense(w, 128, COMPILER_ORDER).tile_rows == tile_rows_for(w)

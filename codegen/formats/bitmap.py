@@ -35,13 +35,18 @@ TILE_ROWS = 16  # rows of a tile-major block: one fmma warp's rows
 ROW_WALK_MIN_SPARSITY = 0.75  # the row walk, which needs row-major values, won only from 80% sparsity (RESULTS.md);
 # below, where fmma runs, the compiler stores the values tile-major (`tile_rows_for`)
 OP_PARAM_TILE = 1 << 16  # op_param = chunk_k + tile_rows * OP_PARAM_TILE
+COMPILER_ORDER = None  # from_dense's `tile_rows` for the order the compiler picks (`tile_rows_for`), from the count
+# of nonzeros it makes anyway
 
 
 def tile_rows_for(weight: torch.Tensor) -> int:
     """The values order the compiler compresses `weight` into: tile-major below ROW_WALK_MIN_SPARSITY, where the
     row walk never wins and fmma's staging is faster on it; row-major above, where the row walk competes."""
-    zeros = (weight == 0).sum().item()
-    return TILE_ROWS if zeros < ROW_WALK_MIN_SPARSITY * weight.numel() else 0
+    return _tile_rows_for_zeros((weight == 0).sum().item(), weight.numel())
+
+
+def _tile_rows_for_zeros(zeros: int, numel: int) -> int:
+    return TILE_ROWS if zeros < ROW_WALK_MIN_SPARSITY * numel else 0
 
 
 def values_slack_bytes(values: torch.Tensor) -> int:
@@ -102,16 +107,17 @@ class BitmapWeight:
         return self.bitmap, self.offsets, self.values
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, chunk_k: int = DEFAULT_CHUNK_K, tile_rows: int = 0) -> BitmapWeight:
-        """Compress a dense [N, K] weight, its values in the order `tile_rows` (0 or TILE_ROWS); vectorised on the
-        weight's device, exact (NaN/Inf kept)."""
+    def from_dense(cls, weight: torch.Tensor, chunk_k: int = DEFAULT_CHUNK_K,
+                   tile_rows: int | None = 0) -> BitmapWeight:
+        """Compress a dense [N, K] weight, its values in the order `tile_rows` (0, TILE_ROWS, or COMPILER_ORDER:
+        `tile_rows_for`'s pick); vectorised on the weight's device, exact (NaN/Inf kept)."""
         if weight.dim() != 2:
             raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
         if chunk_k % WORD_BITS or chunk_k <= 0:
             raise ValueError(f"chunk_k must be a positive multiple of {WORD_BITS}, got {chunk_k}")
         if not weight.dtype.is_floating_point:
             raise ValueError(f"expected a floating-point weight, got {weight.dtype}")
-        if tile_rows not in (0, TILE_ROWS):
+        if tile_rows not in (0, TILE_ROWS, COMPILER_ORDER):
             raise ValueError(f"tile_rows must be 0 (row-major) or {TILE_ROWS}, got {tile_rows}")
         w = weight.detach()
         n, k = w.shape
@@ -120,6 +126,8 @@ class BitmapWeight:
         mask = w != 0
         nonzeros = w[mask]  # boolean indexing yields (row, column) order
         counts = mask.view(n, num_chunks, chunk_k).sum(dim=2, dtype=torch.int32)  # [N, C]
+        if tile_rows is COMPILER_ORDER:
+            tile_rows = _tile_rows_for_zeros(n * k - nonzeros.numel(), n * k)
         if tile_rows:
             starts, row_ends = _tile_major_starts(counts, tile_rows)
             dest = torch.arange(nonzeros.numel(), device=w.device) + _run_shift(mask, counts, starts, chunk_k)

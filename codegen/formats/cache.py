@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import torch
 
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight, tile_rows_for
+from flashllm_compile.codegen.formats.bitmap import COMPILER_ORDER, BitmapWeight
 from flashllm_compile.codegen.formats.csl import CslWeight
 
 # id(weight) -> (weak reference to the weight, version, chunk_k, transposed, compressed)
@@ -25,7 +25,7 @@ def _version(weight: torch.Tensor) -> tuple[int, int]:
 
 def compress_weight(weight: torch.Tensor, chunk_k: int, transposed: bool = False) -> BitmapWeight:
     """BitmapWeight of `weight` ([N, K]; or [K, N] when `transposed`, as HF Conv1D stores it), its values in the
-    order `tile_rows_for` picks.
+    compiler's order (formats/bitmap.py `tile_rows_for`).
 
     Cached by the weight's identity and version counter: an in-place update produces a fresh compression.
     Inference-mode tensors have no version counter, so they are compressed afresh on every compile."""
@@ -38,7 +38,7 @@ def compress_weight(weight: torch.Tensor, chunk_k: int, transposed: bool = False
             STATS["reuses"] += 1
             return fmt
     with torch.no_grad():
-        fmt = BitmapWeight.from_dense(weight.t() if transposed else weight, chunk_k, tile_rows_for(weight))
+        fmt = BitmapWeight.from_dense(weight.t() if transposed else weight, chunk_k, COMPILER_ORDER)
     STATS["compressions"] += 1
     _CACHE[key] = (weakref.ref(weight, lambda _, key=key: _CACHE.pop(key, None)), version, chunk_k, transposed, fmt)
     return fmt
@@ -99,8 +99,8 @@ def compress_weights(weights: Sequence[torch.Tensor], chunk_k: int, transposed: 
 
     def build() -> BitmapWeight:
         with torch.no_grad():
-            dense = torch.cat([w.t() if transposed else w for w in weights])
-            fmt = BitmapWeight.from_dense(dense, chunk_k, tile_rows_for(dense))
+            fmt = BitmapWeight.from_dense(torch.cat([w.t() if transposed else w for w in weights]), chunk_k,
+                                          COMPILER_ORDER)
         STATS["compressions"] += 1
         return fmt
 
