@@ -25,10 +25,10 @@ from flashllm_compile.codegen.kernels.smma_ptx import smma_constraints, smma_ptx
 
 family, block_n, block_m, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 partials, bounded, x_shared, workdir = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1", Path(sys.argv[8])
-linear = sys.argv[9] == "1"
+linear, pdl = sys.argv[9] == "1", sys.argv[10] == "1"
 nt = block_m // 8
 asm = smma_ptx(block_n, nt, dtype) if family == "smma" else fmma_ptx(block_n // 16, nt, dtype, bounded, x_shared,
-                                                                     linear=linear)
+                                                                     linear, pdl)
 ty = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
 signature = {"x_ptr": f"*{ty}", "bitmap_ptr": "*i32", "offsets_ptr": "*i32", "values_ptr": f"*{ty}",
              "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "out_ptr": "*fp32" if partials else f"*{ty}", "M": "i32",
@@ -52,7 +52,8 @@ if nvdisasm.exists():
     sass = subprocess.run([str(nvdisasm), "-c", str(workdir / "program.cubin")], capture_output=True, text=True,
                           check=True).stdout
     result["spills"] = bool(re.search(r"\b(LDL|STL)\b", sass))
-    for op in ("LDGSTS", "LDSM", "PRMT", "POPC", "BAR.SYNC", "LDS.128", "STS.U16", "BRX", "BRXU"):
+    for op in ("LDGSTS", "LDSM", "PRMT", "POPC", "BAR.SYNC", "LDS.128", "STS.U16", "BRX", "BRXU", "ACQBULK",
+               "PREEXIT"):
         result[op] = len(re.findall(r"\b" + re.escape(op) + r"\b", sass))
     result["HMMA"] = len(re.findall(r"\bHMMA\.16816\.F32", sass))
     result["guarded STS.U16"] = len(re.findall(r"@!?U?P\w+\s+STS\.U16\b", sass))
@@ -61,12 +62,12 @@ print(json.dumps(result))
 
 
 def compile_program(family: str, block_n: int, block_m: int, dtype: str, partials: bool, tmp_path,
-                    bounded: bool = True, x_shared: bool = True, linear: bool = False) -> dict:
+                    bounded: bool = True, x_shared: bool = True, linear: bool = False, pdl: bool = False) -> dict:
     """The child's report (elements / layout of the tensor the PTX runs on, static shared bytes, and from the SASS:
     spills and instruction counts); skips when this Triton build has no ptxas.  `linear`: fmma's staging of
-    tile-major values."""
+    tile-major values; `pdl`: fmma built for programmatic dependent launch."""
     return _run_child(CHILD, [family, block_n, block_m, dtype, int(partials), int(bounded), int(x_shared), tmp_path,
-                              int(linear)], tmp_path)
+                              int(linear), int(pdl)], tmp_path)
 
 
 CMMA_CHILD = r'''

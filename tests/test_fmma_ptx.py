@@ -88,15 +88,17 @@ def test_decode_model_rebuilds_every_tile(sparsity, tile_rows):
     assert np.array_equal(rebuilt, weight.view(torch.int16).numpy().view(np.uint16))
 
 
-@pytest.mark.parametrize("warps, block_m, dtype, partials, bounded, x_shared, linear", [
-    (2, 8, "float16", False, False, False, False), (4, 16, "bfloat16", True, False, True, False),
-    (2, 32, "float16", True, True, True, False), (2, 8, "float16", False, False, False, True),
-    (4, 16, "bfloat16", True, True, True, True)])
-def test_fmma_compiles_for_sm90(warps, block_m, dtype, partials, bounded, x_shared, linear, tmp_path):
+@pytest.mark.parametrize("warps, block_m, dtype, partials, bounded, x_shared, linear, pdl", [
+    (2, 8, "float16", False, False, False, False, False), (4, 16, "bfloat16", True, False, True, False, True),
+    (2, 32, "float16", True, True, True, False, False), (2, 8, "float16", False, False, False, True, True),
+    (4, 16, "bfloat16", True, True, True, True, False)])
+def test_fmma_compiles_for_sm90(warps, block_m, dtype, partials, bounded, x_shared, linear, pdl, tmp_path):
     from flashllm_compile.codegen.kernels.fmma_ptx import STATIC_SMEM_MAX, fmma_smem_bytes
 
-    result = compile_program("fmma", 16 * warps, block_m, dtype, partials, tmp_path, bounded, x_shared, linear)
+    result = compile_program("fmma", 16 * warps, block_m, dtype, partials, tmp_path, bounded, x_shared, linear, pdl)
     assert_one_element_per_thread(result, warps)
+    if "ACQBULK" in result:  # griddepcontrol.wait / .launch_dependents in SASS
+        assert (result["ACQBULK"] > 0, result["PREEXIT"] > 0) == (pdl, pdl)
     assert result["shared"] == fmma_smem_bytes(warps, block_m // 8, x_shared) <= STATIC_SMEM_MAX
     if "spills" in result:
         assert not result["spills"], "the fmma program spills registers to local memory"
@@ -104,6 +106,25 @@ def test_fmma_compiles_for_sm90(warps, block_m, dtype, partials, bounded, x_shar
         assert result["HMMA"] == 8 * block_m // 8  # 8 k-steps per chunk, one MMA per 8-token tile
         assert (result["BAR.SYNC"] > 0) == x_shared  # only a shared x chunk needs a block barrier
         assert (result["LDS.128"] > 0) == x_shared
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("x_shared", [False, True])
+def test_fmma_under_pdl_waits_before_x_and_before_its_stores(x_shared, linear):
+    """With programmatic dependent launch the program may start before the kernel that writes x has finished: it may
+    load its words and stage its first values (weights) first, but must `griddepcontrol.wait` before it touches x,
+    and on every path out (an empty split skips the loop) before Triton's stores."""
+    from flashllm_compile.codegen.kernels.fmma_ptx import fmma_ptx
+
+    for warps, nt in ((2, 1), (4, 2), (2, 4)):
+        lines = fmma_ptx(warps, nt, "float16", True, x_shared, linear, pdl=True).splitlines()
+        waits = [i for i, line in enumerate(lines) if line == "griddepcontrol.wait;"]
+        x_uses = [i for i, line in enumerate(lines) if "%xs" in line and "cp.async" in line or "[%xp" in line]
+        first_values = next(i for i, line in enumerate(lines) if "cp.async.cg.shared.global [%dst" in line)
+        first_words = next(i for i, line in enumerate(lines) if "ld.global.nc.v4.b32 {%rA0" in line)
+        assert lines.count("griddepcontrol.launch_dependents;") == 1 and len(waits) == 2
+        assert first_words < first_values < waits[0] < min(x_uses) and lines[waits[-1] - 1] == "FMMA_END:"
+        assert "griddepcontrol" not in fmma_ptx(warps, nt, "float16", True, x_shared, linear)
 
 
 def test_fmma_is_offered_only_where_it_can_run():

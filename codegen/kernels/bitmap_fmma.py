@@ -15,6 +15,7 @@ from flashllm_compile.codegen.kernels.bitmap_smma import _bitmap_smma_kernel, _w
 from flashllm_compile.codegen.kernels.common import TileConfig, interpreting, launch_bitmap_kernel
 from flashllm_compile.codegen.kernels.fmma_ptx import fmma_ptx, fmma_smem_bytes
 from flashllm_compile.codegen.kernels.host_math import cdiv, next_power_of_2
+from flashllm_compile.codegen.kernels.launch import pdl_enabled
 from flashllm_compile.codegen.kernels.smma_ptx import STATIC_SMEM_MAX, smma_constraints
 
 _bitmap_fmma_kernel = _bitmap_smma_kernel  # the Triton program around the PTX (launch, epilogue, stores) is shared
@@ -26,6 +27,10 @@ FMMA_WARPS = (2, 4)  # 16 rows a warp
 # buffers, one barrier a chunk), or X_GLOBAL, each warp loading its B fragments from global memory (no barrier:
 # measured faster at M = 1, slower from M = 8 on, where the x re-reads miss L1)
 X_GLOBAL, X_SHARED = 1, 2
+# Split-K counts offered.  3 and 6 fill one wave where powers of two do not: LLaMA-7B gate_up (11008 rows) at 4 warps
+# runs 172 programs a split, 516 at split-K 3 where 4 fit on each of the H100's 132 SMs; 1.04x on geo-mean over
+# LLaMA-7B's shapes at 50-70%, M = 1..16, up to 1.12x on gate_up (benchmarks/RESULTS.md idea 54)
+FMMA_SPLIT_KS = (1, 2, 3, 4, 6, 8)
 
 
 def fmma_block_m(m: int) -> int:
@@ -44,13 +49,13 @@ def fmma_config_ok(config: TileConfig) -> bool:
 
 def get_bitmap_fmma_configs(m: int) -> list[TileConfig]:
     """Tuning space for M <= FMMA_MAX_M tokens: 2 or 4 warps (32 / 64 rows) where shared memory allows, x from
-    global memory or shared memory, split-K 1..8."""
+    global memory or shared memory, split-K FMMA_SPLIT_KS."""
     if interpreting() or m > FMMA_MAX_M:
         return []
     block_m = fmma_block_m(m)
     x_modes = (X_GLOBAL, X_SHARED) if block_m == 8 else (X_SHARED,)  # from global only pays for one 8-token tile
     configs = [TileConfig("fmma", 16 * warps, block_m, split_k, warps, x_mode) for x_mode in x_modes
-               for warps in FMMA_WARPS for split_k in (1, 2, 4, 8)]
+               for warps in FMMA_WARPS for split_k in FMMA_SPLIT_KS]
     return [c for c in configs if fmma_config_ok(c)]
 
 
@@ -68,6 +73,8 @@ def bitmap_fmma(x: torch.Tensor, fmt: BitmapWeight, bias: torch.Tensor | None, c
     nt, x_smem = config.block_m // 8, config.num_stages == X_SHARED
     bounded = values_slack_bytes(fmt.values) < 16  # e.g. values built by hand or moved: bound every copy
     linear = fmt.tile_rows == TILE_ROWS  # tile-major values: each warp stages its chunk's segment at once
+    pdl = pdl_enabled(x.device)
     return launch_bitmap_kernel(_bitmap_fmma_kernel, x, fmt, bias, config, grid_m=cdiv(x.shape[0], config.block_m),
                                 epilogue=epilogue, prepare_x=lambda x: _whole_chunks(x, fmt),
-                                ASM=fmma_ptx(config.num_warps, nt, dtype, bounded, x_smem, linear=linear), CONSTRAINTS=smma_constraints(nt))
+                                ASM=fmma_ptx(config.num_warps, nt, dtype, bounded, x_smem, linear, pdl),
+                                CONSTRAINTS=smma_constraints(nt), pdl=pdl)

@@ -230,12 +230,14 @@ def _decode(row: str, s: int, a01: str, a23: str) -> list[str]:
 
 @functools.cache
 def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool = True,
-             linear: bool = False) -> str:
+             linear: bool = False, pdl: bool = False) -> str:
     """PTX of one program (see the module docstring): `warps` warps of 16 rows, NT 8-token tiles, a torch dtype name
     in SMMA_TYPES.  x_smem: the program stages each x chunk once in shared memory (one barrier a chunk) instead of
     every warp loading its B fragments from global memory.  `linear`: the values are tile-major (formats/bitmap.py)
-    and each warp stages its chunk's segment at once (_stage_segment), else row by row (_stage_row).  Operands as
-    smma_ptx (smma_constraints)."""
+    and each warp stages its chunk's segment at once (_stage_segment), else row by row (_stage_row).  With `pdl`
+    (launched with programmatic dependent launch) the next kernel may launch at once, and the program loads its
+    first words and stages its first values before it waits for the kernel before it (x is that kernel's output;
+    the weights are not).  Operands as smma_ptx (smma_constraints)."""
     ty = SMMA_TYPES[dtype]
     acc = 4 * nt
     bm, op, vp, xp, n0, nn, kw, c0, c1, t0, mm, sx, _, ve = (f"${acc + 1 + i}" for i in range(14))
@@ -256,6 +258,7 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
          ".reg .b32 %m, %a, %a4, %sh, %v<3>, %lo, %hi, %i, %sel, %f<4>, %e<4>, %x<4>;",
          f".reg .b64 %vp, %ve, %va, %o64, %bpA, %bpB, %opA, %opB, %n4{xregs};"]
     o += [f"mov.f32 ${i}, 0f00000000;" for i in range(acc)]
+    o += ["griddepcontrol.launch_dependents;"] if pdl else []
     o += ["mov.u32 %th, %tid.x;", f"mov.u32 ${acc}, %th;", "and.b32 %lane, %th, 31;", "shr.u32 %warp, %th, 5;",
           "shr.u32 %g, %lane, 2;", "and.b32 %t, %lane, 3;", "shl.b32 %t16, %t, 4;", "mov.b32 %z, 0;",
           # the permute table, or-ed with ~activemask (0: every lane is active) so that ptxas keeps it in a register
@@ -306,6 +309,7 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
         o += _load_segment("%pW") + _stage_segment("%wst", "FMMA_P_S", bounded)
     else:
         o += _stage_row("A", "%slotA", "FMMA_P_A", bounded) + _stage_row("B", "%slotB", "FMMA_P_B", bounded)
+    o += ["griddepcontrol.wait;"] if pdl else []  # from here on: x, and (after the program) the stores
     if x_smem:
         o += ["mov.u32 %xcur, 0;"] + [f"cp.async.cg.shared.global [%xd{k}], [%xs{k}], 16;" for k in range(pieces)]
         o += [f"add.s64 %xs{k}, %xs{k}, 256;" for k in range(pieces)]
@@ -349,7 +353,7 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
     o += [f"xor.b32 %xcur, %xcur, {xbuf};"] if x_smem else []
     o += [f"mov.b32 %cw{r}, %nw{r};" for r in "AB"] + [f"mov.b32 %cb{r}, %nb{r};" for r in "AB"]
     o += [f"xor.b32 %buf, %buf, {ROWS_PER_WARP * SLOT_BYTES};", "add.u32 %c, %c, 1;", f"setp.lt.u32 %pe, %c, {c1};",
-          "@%pe bra FMMA_LOOP;", "FMMA_END:", "}"]
+          "@%pe bra FMMA_LOOP;", "FMMA_END:", *(["griddepcontrol.wait;"] if pdl else []), "}"]  # (an empty split too)
     return "\n".join(o)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flashllm_compile.codegen.autotune import LAUNCHERS, candidate_configs
-from flashllm_compile.codegen.formats.bitmap import BitmapWeight
+from flashllm_compile.codegen.formats.bitmap import TILE_ROWS, BitmapWeight
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,7 +49,6 @@ def test_fmma_every_config_on_tile_major_values(n, k, sparsity, dtype):
     (the bounded copies), odd N (a partial 16-row block) and K (a partial chunk)."""
     import dataclasses
 
-    from flashllm_compile.codegen.formats.bitmap import TILE_ROWS
     from flashllm_compile.codegen.kernels.bitmap_fmma import bitmap_fmma, get_bitmap_fmma_configs
 
     w = pruned(n, k, sparsity, dtype)
@@ -174,26 +173,30 @@ def test_direct_launch_matches_jit_and_keys_on_alignment():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pdl_chain_is_exact_over_replays(dtype, monkeypatch):
-    """Programmatic dependent launch (cmma, the row walk, the epilogue kernel): in a CUDA graph where each op reads the
+    """Programmatic dependent launch (cmma, fmma, the row walk, the epilogue kernel): in a CUDA graph where each op reads the
     previous op's output through a torch kernel, 30 replays with PDL give bitwise the result without it (a kernel that
     read x or wrote before `griddepcontrol.wait` would race), and the launches really carry the attribute."""
     from flashllm_compile.codegen.formats.csl import CslWeight
     from flashllm_compile.codegen.kernels import launch
+    from flashllm_compile.codegen.kernels.bitmap_fmma import bitmap_fmma, get_bitmap_fmma_configs
     from flashllm_compile.codegen.kernels.bitmap_rowwalk import bitmap_rowwalk, get_bitmap_rowwalk_configs
     from flashllm_compile.codegen.kernels.csl_mma import csl_mma, get_csl_mma_configs
 
     weights = [pruned(4096, 4096, 0.8, dtype) for _ in range(4)]
     csl = [CslWeight.from_dense(w) for w in weights]
     bitmap = [BitmapWeight.from_dense(w) for w in weights]
+    tile_major = [BitmapWeight.from_dense(w, 128, TILE_ROWS) for w in weights]
     for m in (1, 8, 32):
         x0 = torch.randn(m, 4096, device="cuda", dtype=dtype)
         cmma = next(c for c in get_csl_mma_configs(m, max(f.max_groups for f in csl)) if c.split_k > 1)
+        fmma = [c for c in get_bitmap_fmma_configs(m) if c.split_k in (1, 3)]  # stores by the program or the epilogue
         walk = get_bitmap_rowwalk_configs(m)[-1:] if m <= 8 else []
 
-        def chain(x0=x0, cmma=cmma, walk=walk):
+        def chain(x0=x0, cmma=cmma, fmma=fmma, walk=walk):
             x = x0
             for i in range(4):
                 x = csl_mma(x, csl[i], None, cmma) * 0.02
+                x = bitmap_fmma(x, tile_major[i], None, fmma[i % len(fmma)]) * 0.05
                 if walk:
                     x = bitmap_rowwalk(x, bitmap[i], None, walk[0]) * 0.05
             return x
@@ -218,5 +221,6 @@ def test_pdl_chain_is_exact_over_replays(dtype, monkeypatch):
         if torch.cuda.get_device_capability() >= (9, 0):  # what the compiled launcher reads at every launch
             launched = {(key[0].fn.__name__, compiled.metadata.launch_pdl) for key, (compiled, _) in
                         launch._COMPILED.items()}
-            kernels = {"_csl_mma_kernel", "_epilogue_kernel"} | ({"_bitmap_rowwalk_kernel"} if walk else set())
+            kernels = {"_csl_mma_kernel", "_epilogue_kernel", "_bitmap_smma_kernel"} | (
+                {"_bitmap_rowwalk_kernel"} if walk else set())
             assert {(name, True) for name in kernels} <= launched and {(name, False) for name in kernels} <= launched
