@@ -319,6 +319,9 @@ def test_cmma_is_offered_only_where_it_can_run(monkeypatch):
     # warps splitting a program's chunks: offered up to M = 16 (they lose beyond, RESULTS.md idea 42)
     assert {c.split_k for c in csl_mma.get_csl_mma_configs(16, 16) if c.warp_split} == {1, 2}
     assert not any(c.warp_split for c in csl_mma.get_csl_mma_configs(32, 16))
+    # split-K over programs: 3 and 6 (one wave where powers of two leave one part full) only beyond M = 16
+    assert {c.split_k for c in csl_mma.get_csl_mma_configs(16, 16) if not c.warp_split} == {1, 2, 4, 8}
+    assert {c.split_k for c in csl_mma.get_csl_mma_configs(32, 16)} == {1, 2, 3, 4, 6, 8}
     # the word path entered by jump only up to M = 16 (it measured fastest there); beyond, each shape in both forms
     # (guarded, jump): neither measured faster everywhere
     for m in (1, 8, 16):

@@ -127,13 +127,19 @@ def test_fmma_under_pdl_waits_before_x_and_before_its_stores(x_shared, linear):
         assert "griddepcontrol" not in fmma_ptx(warps, nt, "float16", True, x_shared, linear)
 
 
-def test_fmma_is_offered_only_where_it_can_run():
+def test_fmma_is_offered_only_where_it_can_run(monkeypatch):
     from flashllm_compile.codegen.autotune import GPU_ONLY_FAMILIES, candidate_configs
     from flashllm_compile.codegen.kernels.bitmap_fmma import FMMA_MAX_M, bitmap_fmma, get_bitmap_fmma_configs
 
     assert "fmma" in GPU_ONLY_FAMILIES
     assert not any(c.family == "fmma" for m in (1, 8, 16, 64) for c in candidate_configs(m))  # the interpreter
     assert get_bitmap_fmma_configs(FMMA_MAX_M + 1) == []
+    from flashllm_compile.codegen.kernels import bitmap_fmma as module
+
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    for m in (1, 8, 32):  # split-K 3 and 6 fill one wave where powers of two do not (RESULTS.md idea 54)
+        assert {c.split_k for c in get_bitmap_fmma_configs(m)} == {1, 2, 3, 4, 6, 8}
+    monkeypatch.undo()
     fmt = BitmapWeight.from_dense(torch.randn(8, 128, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="fmma kernel needs a CUDA"):
         bitmap_fmma(torch.randn(2, 128, dtype=torch.float16), fmt, None, TileConfig("fmma", 32, 8, 1, 2, 2))

@@ -52,6 +52,10 @@ CMMA_JUMP_ONLY_MAX_M = 16
 # M = 16, and a layer's four linears in context ran 1.01-1.07x faster than with the tuner's picks without them.
 CMMA_WARP_SPLIT_KS = (1, 2)
 CMMA_WARP_SPLIT_MAX_M = 16
+# Split-K over programs.  Beyond M = 16 also 3 and 6, which fill one wave where powers of two do not (LLaMA-7B
+# gate_up, 11008 rows): H100, LLaMA-7B at 70-90%, M = 32 / 64, 1.026 / 1.019x on geo-mean, gate_up at 90% 1.16 /
+# 1.19x; up to M = 16 no gain (0.99-1.00x), so not offered there (benchmarks/RESULTS.md idea 55)
+CMMA_SPLIT_KS, CMMA_WIDE_SPLIT_KS = (1, 2, 4, 8), (1, 2, 3, 4, 6, 8)
 
 
 def cmma_words_ok(rt: int, nt: int, max_groups: int) -> bool:
@@ -108,17 +112,20 @@ def cmma_default_config(m: int) -> TileConfig:
 
 def get_csl_mma_configs(m: int, max_groups: int) -> list[TileConfig]:
     """Tuning space for a weight whose segments need up to `max_groups` word registers: CMMA_SHAPES (warps x weight
-    tiles a warp, where shared memory and registers allow) x split-K 1..8 x CMMA_JUMPS (the jump only up to
-    CMMA_JUMP_ONLY_MAX_M); up to M = 16 also the warps splitting the program's chunks (warp_split) x split-K 1, 2."""
+    tiles a warp, where shared memory and registers allow) x split-K (CMMA_SPLIT_KS, beyond M = 16
+    CMMA_WIDE_SPLIT_KS) x CMMA_JUMPS (the jump only up to CMMA_JUMP_ONLY_MAX_M); up to M = 16 also the warps
+    splitting the program's chunks (warp_split) x split-K 1, 2."""
     if interpreting():
         return []
     block_m = cmma_block_m(m)
     nt = block_m // 8
     jumps = (True,) if m <= CMMA_JUMP_ONLY_MAX_M else CMMA_JUMPS
+    wide = m > CMMA_WARP_SPLIT_MAX_M
     return [TileConfig("cmma", CSL_ROWS * (1 if split else warps) * rt, block_m, split_k, warps, depth, jump=jump,
                        warp_split=split)
             for warps, rt in CMMA_SHAPES
-            for split, split_ks in ((False, (1, 2, 4, 8)), (True, CMMA_WARP_SPLIT_KS if m <= CMMA_WARP_SPLIT_MAX_M else ()))
+            for split, split_ks in ((False, CMMA_WIDE_SPLIT_KS if wide else CMMA_SPLIT_KS),
+                                    (True, () if wide else CMMA_WARP_SPLIT_KS))
             for split_k in split_ks for depth in CMMA_DEPTHS for jump in jumps
             if cmma_config_ok(warps, rt, nt, split) and cmma_words_ok(rt, nt, max_groups)]
 
