@@ -29,7 +29,7 @@ FMMA_WARPS = (2, 4)  # 16 rows a warp
 X_GLOBAL, X_SHARED = 1, 2
 # Split-K counts offered.  3 and 6 fill one wave where powers of two do not: LLaMA-7B gate_up (11008 rows) at 4 warps
 # runs 172 programs a split, 516 at split-K 3 where 4 fit on each of the H100's 132 SMs; 1.04x on geo-mean over
-# LLaMA-7B's shapes at 50-70%, M = 1..16, up to 1.12x on gate_up (benchmarks/RESULTS.md idea 54)
+# LLaMA-7B's shapes at 50-70%, M = 1..16, up to 1.15x on gate_up (benchmarks/RESULTS.md idea 54)
 FMMA_SPLIT_KS = (1, 2, 3, 4, 6, 8)
 
 

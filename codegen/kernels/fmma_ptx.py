@@ -26,9 +26,11 @@ Per chunk c (one warp, rows r0 .. r0 + 15):
             columns of one row, whatever the sparsity, shared by every 8-token tile.
   mma       per 8-token tile one mma.m16n8k16 per k-step; B from the staged x chunk (one barrier a chunk) or from
             global memory (no barrier; pays only for one tile: the tuner picks, TileConfig.num_stages).
-Where it stands (H100, benchmarks/RESULTS.md ideas 17, 50-51): at 50-60% sparsity the chunk loop waits on its
+Where it stands (H100, benchmarks/RESULTS.md ideas 17, 50-54): at 50-60% sparsity the chunk loop waited on its
 staged values more than on its decode: without the decode it ran 7% faster, without the staging 28%; the linear
-staging of tile-major values made it 1.14x faster (1.19 / 1.26x cuBLAS at 50 / 60%, M = 1..16).
+staging of tile-major values made it 1.14x faster, programmatic dependent launch and split-K 3 / 6 another 1.04x
+(1.20 / 1.28x cuBLAS at 50 / 60%, M = 1..16, geo-mean).  More warps an SM (a register cap) did not help: the loop is
+not waiting for latency other warps could cover; ~56% of its instructions run on the ALU pipe.
 Accumulator q of n-tile i (q = 0..3) is row 16 w + lane / 4 + 8 (q / 2), token 8 i + 2 (lane % 4) + q % 2 (the same
 mapping as smma: the Triton kernel around it is bitmap_smma's).
 """

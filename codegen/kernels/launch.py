@@ -52,10 +52,11 @@ def interpreting() -> bool:
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels that support it launch with programmatic dependent launch (PDL, Hopper and later): such a
     kernel may start while the kernel before it in the stream finishes, so it must run `griddepcontrol.wait` before it
-    reads anything but weights or writes anything (ours do: the Tiled-CSL kernel loads its first words and the row
-    walk its first bitmap words before they wait, the epilogue kernel waits on entry), and it lets the next kernel
-    start early with `griddepcontrol.launch_dependents`.  H100 (benchmarks/RESULTS.md idea 30): cmma 1.055x on
-    geo-mean, the row walk 1.09-1.19x at M = 1, decode +5% / +10% tokens/s at batch 1 / 8.
+    reads anything but weights or writes anything (ours do: the Tiled-CSL kernel loads its first words, the row
+    walk its first bitmap words and fmma its first words and values before they wait, the epilogue kernel waits on
+    entry), and it lets the next kernel start early with `griddepcontrol.launch_dependents`.  H100
+    (benchmarks/RESULTS.md ideas 30, 54): cmma 1.055x on geo-mean, the row walk 1.09-1.19x at M = 1, fmma 1.015x,
+    decode +5% / +10% tokens/s at batch 1 / 8.
     What it saves is the gap between dependent kernels, which a CUDA graph does not remove (~2-3 us a launch on the
     H100).  Off under the interpreter, before sm_90, and with FLASHLLM_PDL=0."""
     return device.type == "cuda" and not interpreting() and os.environ.get("FLASHLLM_PDL", "1") != "0" and \
