@@ -173,9 +173,10 @@ def test_direct_launch_matches_jit_and_keys_on_alignment():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_pdl_chain_is_exact_over_replays(dtype, monkeypatch):
-    """Programmatic dependent launch (cmma, fmma, the row walk, the epilogue kernel): in a CUDA graph where each op reads the
-    previous op's output through a torch kernel, 30 replays with PDL give bitwise the result without it (a kernel that
-    read x or wrote before `griddepcontrol.wait` would race), and the launches really carry the attribute."""
+    """Programmatic dependent launch (cmma, fmma, the row walk, the epilogue kernel): in a CUDA graph where each op
+    reads the previous op's output through a torch kernel, 30 replays with PDL give bitwise the result without it (a
+    kernel that read x or wrote before `griddepcontrol.wait` would race), and the launches really carry the
+    attribute."""
     from flashllm_compile.codegen.formats.csl import CslWeight
     from flashllm_compile.codegen.kernels import launch
     from flashllm_compile.codegen.kernels.bitmap_fmma import bitmap_fmma, get_bitmap_fmma_configs
