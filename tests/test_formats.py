@@ -9,7 +9,7 @@ from flashllm_compile.codegen.formats.bitmap import (
     COMPILER_ORDER,
     TILE_ROWS,
     BitmapWeight,
-    tile_rows_for,
+    compiler_tile_rows,
     values_slack_bytes,
 )
 
@@ -109,8 +109,7 @@ def test_op_param_carries_chunk_k_and_the_values_order():
 
 
 def test_compiler_stores_tile_major_values_only_below_the_row_walks_sparsity():
-    assert tile_rows_for(random_sparse(64, 64, 0.5)) == TILE_ROWS
-    assert tile_rows_for(random_sparse(64, 64, 0.9)) == 0  # the row walk competes there and needs row-major
-    for sparsity in (0.5, 0.9):  # from_dense's COMPILER_ORDER picks the same from its own count of nonzeros
-        w = random_sparse(64, 200, sparsity)
-        assert BitmapWeight.from_dense(w, 128, COMPILER_ORDER).tile_rows == tile_rows_for(w)
+    assert compiler_tile_rows(3071, 4096) == TILE_ROWS and compiler_tile_rows(3072, 4096) == 0  # the bound: 75%
+    assert BitmapWeight.from_dense(random_sparse(64, 64, 0.5), 128, COMPILER_ORDER).tile_rows == TILE_ROWS
+    # the row walk competes at 90% and needs row-major values
+    assert BitmapWeight.from_dense(random_sparse(64, 200, 0.9), 128, COMPILER_ORDER).tile_rows == 0

@@ -33,19 +33,16 @@ DEFAULT_CHUNK_K = 128
 VALUES_TAIL = 8  # zero elements allocated after the values: the fmma kernel's 16-byte copies need no bounds checks
 TILE_ROWS = 16  # rows of a tile-major block: one fmma warp's rows
 ROW_WALK_MIN_SPARSITY = 0.75  # the row walk, which needs row-major values, won only from 80% sparsity (RESULTS.md);
-# below, where fmma runs, the compiler stores the values tile-major (`tile_rows_for`)
+# below, where fmma runs, the compiler stores the values tile-major (`compiler_tile_rows`)
 OP_PARAM_TILE = 1 << 16  # op_param = chunk_k + tile_rows * OP_PARAM_TILE
-COMPILER_ORDER = None  # from_dense's `tile_rows` for the order the compiler picks (`tile_rows_for`), from the count
-# of nonzeros it makes anyway
+COMPILER_ORDER = None  # from_dense's `tile_rows` for the order the compiler picks (`compiler_tile_rows`), from the
+# count of nonzeros it makes anyway
 
 
-def tile_rows_for(weight: torch.Tensor) -> int:
-    """The values order the compiler compresses `weight` into: tile-major below ROW_WALK_MIN_SPARSITY, where the
-    row walk never wins and fmma's staging is faster on it; row-major above, where the row walk competes."""
-    return _tile_rows_for_zeros((weight == 0).sum().item(), weight.numel())
-
-
-def _tile_rows_for_zeros(zeros: int, numel: int) -> int:
+def compiler_tile_rows(zeros: int, numel: int) -> int:
+    """The values order the compiler stores a weight with `zeros` of its `numel` elements zero in: tile-major below
+    ROW_WALK_MIN_SPARSITY, where the row walk never wins and fmma's staging is faster on it; row-major above, where
+    the row walk competes."""
     return TILE_ROWS if zeros < ROW_WALK_MIN_SPARSITY * numel else 0
 
 
@@ -110,7 +107,7 @@ class BitmapWeight:
     def from_dense(cls, weight: torch.Tensor, chunk_k: int = DEFAULT_CHUNK_K,
                    tile_rows: int | None = 0) -> BitmapWeight:
         """Compress a dense [N, K] weight, its values in the order `tile_rows` (0, TILE_ROWS, or COMPILER_ORDER:
-        `tile_rows_for`'s pick); vectorised on the weight's device, exact (NaN/Inf kept)."""
+        `compiler_tile_rows`' pick); vectorised on the weight's device, exact (NaN/Inf kept)."""
         if weight.dim() != 2:
             raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(weight.shape)}")
         if chunk_k % WORD_BITS or chunk_k <= 0:
@@ -127,7 +124,7 @@ class BitmapWeight:
         nonzeros = w[mask]  # boolean indexing yields (row, column) order
         counts = mask.view(n, num_chunks, chunk_k).sum(dim=2, dtype=torch.int32)  # [N, C]
         if tile_rows is COMPILER_ORDER:
-            tile_rows = _tile_rows_for_zeros(n * k - nonzeros.numel(), n * k)
+            tile_rows = compiler_tile_rows(n * k - nonzeros.numel(), n * k)
         if tile_rows:
             starts, row_ends = _tile_major_starts(counts, tile_rows)
             dest = torch.arange(nonzeros.numel(), device=w.device) + _run_shift(mask, counts, starts, chunk_k)

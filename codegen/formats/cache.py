@@ -25,7 +25,7 @@ def _version(weight: torch.Tensor) -> tuple[int, int]:
 
 def compress_weight(weight: torch.Tensor, chunk_k: int, transposed: bool = False) -> BitmapWeight:
     """BitmapWeight of `weight` ([N, K]; or [K, N] when `transposed`, as HF Conv1D stores it), its values in the
-    compiler's order (formats/bitmap.py `tile_rows_for`).
+    compiler's order (formats/bitmap.py `compiler_tile_rows`).
 
     Cached by the weight's identity and version counter: an in-place update produces a fresh compression.
     Inference-mode tensors have no version counter, so they are compressed afresh on every compile."""
