@@ -1,7 +1,8 @@
 """The fragment-decode tensor-core kernel (fmma) is a whole program in inline PTX, so the interpreter cannot run it.
 CI checks it two ways without a GPU:
   - a bit-exact Python model of its decode (the same tables, byte permutes, funnel shifts and predicated window
-    loads as the PTX, with never-loaded words poisoned) rebuilds every weight tile from the compressed format;
+    loads as the PTX, with never-loaded words and the stage past the values poisoned) rebuilds every weight tile
+    from the compressed format;
   - Triton + ptxas build it for sm_90: no spills, cp.async / tensor-core MMAs / shared-memory barriers as designed,
     the static shared-memory cap, one element per thread.
 Correctness against F.linear runs on the GPU (tests/gpu, every family fuzzed)."""
@@ -13,7 +14,15 @@ from ptx_program import assert_one_element_per_thread, compile_program
 
 from flashllm_compile.codegen.formats.bitmap import TILE_ROWS, BitmapWeight
 from flashllm_compile.codegen.kernels.common import TileConfig
-from flashllm_compile.codegen.kernels.fmma_ptx import FIELD_BYTES, FIELD_INDEX, TABLE_HI, TABLE_LO, WTABLE_HI, WTABLE_LO
+from flashllm_compile.codegen.kernels.fmma_ptx import (
+    FIELD_BYTES,
+    FIELD_INDEX,
+    TABLE_HI,
+    TABLE_LO,
+    WTABLE_HI,
+    WTABLE_LO,
+    fmma_ptx,
+)
 
 POISON = 0xDEADBEEF  # what a register holds when its window word was not loaded
 
@@ -38,9 +47,9 @@ def decode_thread(word: int, run: bytes, first: int, s: int) -> tuple[int, int]:
     a = first + 2 * (word & ((1 << 4 * s) - 1)).bit_count()
     end = first + 2 * (word & ((1 << 4 * s + 4) - 1)).bit_count()
     a4 = a & -4
-    loaded = (end > a, end - a4 > 4, end - a4 > 8)
-    v = [int.from_bytes(run[a4 + 4 * j: a4 + 4 * j + 4].ljust(4, b"\0"), "little") if loaded[j] else POISON
-         for j in range(3)]
+    loaded = (True, end - a4 > 4, end - a4 > 8)  # the first word in every lane of an existing row
+    staged = run + POISON.to_bytes(4, "little") * 4  # whatever the stage holds past the run
+    v = [int.from_bytes(staged[a4 + 4 * j: a4 + 4 * j + 4], "little") if loaded[j] else POISON for j in range(3)]
     lo, hi = shf_r(v[0], v[1], (a << 3) & 31), shf_r(v[1], v[2], (a << 3) & 31)
     # table selectors of k-steps 2 u + h (u = 0..3, one a byte), looked up two k-steps a prmt
     h, u = s % 2, s // 2
@@ -52,6 +61,16 @@ def decode_thread(word: int, run: bytes, first: int, s: int) -> tuple[int, int]:
     sel01, selw, sel23 = (prmt(lo_t, hi_t, c) >> 16 * (u % 2) for lo_t, hi_t, c in (
         (TABLE_LO, TABLE_HI, c01), (WTABLE_LO, WTABLE_HI, c01), (TABLE_LO, TABLE_HI, c23)))
     return prmt(lo, 0, sel01), prmt(prmt(lo, hi, selw), 0, sel23)
+
+
+def test_window_loads_are_predicated_as_the_model():
+    """The model above loads a window's first word in every lane of an existing row, the others only where the
+    nibble's values reach them: the PTX must do the same (a row past N has no stage address)."""
+    ptx = fmma_ptx(2, 1, "float16", linear=True)
+    for row in "AB":
+        assert ptx.count(f"@%p{row} ld.shared.b32 %v0, [%a4];") == 8  # one a k-step
+    assert ptx.count("@%pw1 ld.shared.b32 %v1, [%a4+4];") == ptx.count("@%pw2 ld.shared.b32 %v2, [%a4+8];") == 16
+    assert "%v0, [%a4]" not in ptx.replace("@%pA ld.shared.b32 %v0", "").replace("@%pB ld.shared.b32 %v0", "")
 
 
 @pytest.mark.parametrize("tile_rows", [0, TILE_ROWS])

@@ -205,10 +205,12 @@ def _decode(row: str, s: int, a01: str, a23: str) -> list[str]:
     """Fragment registers of k-step s for `row` from its word %cw{row} and first-value address %cb{row}: `a01` holds
     columns 32 t + 4 s + 0, 1 and `a23` columns + 2, 3 (two 16-bit values each, zero where the bit is clear).
     %a{row}: address of the nibble's first value (the end of k-step s - 1's values), %end{row}: its end.
-    The window (lo, hi) is the 4 values from %a{row} on: three aligned 32-bit loads and two funnel shifts, each word
-    loaded only by the lanes whose values reach into it (a shared load costs wavefronts per bank conflict among its
-    active lanes; at 80% most nibbles hold 0 or 1 value.  Loading all three in every lane saves 4 instructions a
-    k-step and measured 1-2% slower at 50-60%, RESULTS.md idea 50).  Then three permutes with the k-step's
+    The window (lo, hi) is the 4 values from %a{row} on: three aligned 32-bit loads and two funnel shifts.  The
+    first word is loaded by every lane whose row exists (%p{row}: a row past N has no stage address), the second and
+    third only by the lanes whose values reach into them: a shared load costs a wavefront per bank conflict among its
+    active lanes, and the lanes' addresses are random.  The first word is needed by 15 of 16 nibbles at 50%, so its
+    predicate cost an instruction for nothing (1.014x without it); the other two are needed by ~40% / ~5% of them,
+    and loading them in every lane measured 0.97x / 0.93x (RESULTS.md ideas 50, 57).  Then three permutes with the k-step's
     selectors (_selectors): columns +0 / +1 from the window's first two values, the window shifted to the values of
     columns +2 / +3, and those."""
     w, base, a, end = f"%cw{row}", f"%cb{row}", f"%a{row}", f"%end{row}"
@@ -217,9 +219,9 @@ def _decode(row: str, s: int, a01: str, a23: str) -> list[str]:
     o += ([f"and.b32 %m, {w}, {(1 << 4 * s + 4) - 1};"] if s < 7 else [f"mov.b32 %m, {w};"])
     o += ["popc.b32 %m, %m;", f"mad.lo.u32 {end}, %m, 2, {base};",
           f"and.b32 %a4, {a}, -4;", f"shl.b32 %sh, {a}, 3;"]  # funnel shifts take the amount mod 32: 16 (a / 2 % 2)
-    o += [f"sub.u32 %m, {end}, %a4;", f"setp.gt.u32 %pw0, {end}, {a};", "setp.gt.u32 %pw1, %m, 4;",
-          "setp.gt.u32 %pw2, %m, 8;",
-          "@%pw0 ld.shared.b32 %v0, [%a4];", "@%pw1 ld.shared.b32 %v1, [%a4+4];", "@%pw2 ld.shared.b32 %v2, [%a4+8];"]
+    o += [f"sub.u32 %m, {end}, %a4;", "setp.gt.u32 %pw1, %m, 4;", "setp.gt.u32 %pw2, %m, 8;",
+          f"@%p{row} ld.shared.b32 %v0, [%a4];", "@%pw1 ld.shared.b32 %v1, [%a4+4];",
+          "@%pw2 ld.shared.b32 %v2, [%a4+8];"]
     sel = [f"%{t}{row}{h}" for t in ("s01", "sw", "s23")]
     if odd:  # this k-step's selectors are the high halves
         o += [f"shr.b32 %sel{i}, {r}, 16;" for i, r in enumerate(sel)]
@@ -256,7 +258,7 @@ def fmma_ptx(warps: int, nt: int, dtype: str, bounded: bool = True, x_smem: bool
          ".reg .b32 %kA<4>, %kB<4>, %c01, %c23, %sel<3>, %s01A<2>, %s01B<2>, %swA<2>, %swB<2>, %s23A<2>, %s23B<2>;",
          ".reg .b32 %rA<4>, %rB<4>, %roA, %roB, %nwA, %nwB, %nbA, %nbB, %cwA, %cwB, %cbA, %cbB;",
          ".reg .b32 %p<4>, %w, %pre, %q, %cnt, %mis, %nby, %rem, %dst, %bo, %sz;",
-         ".reg .pred %pw0, %pw1, %pw2;", ".reg .b32 %aA, %aB, %endA, %endB;",
+         ".reg .pred %pw1, %pw2;", ".reg .b32 %aA, %aB, %endA, %endB;",
          ".reg .b32 %m, %a, %a4, %sh, %v<3>, %lo, %hi, %i, %sel, %f<4>, %e<4>, %x<4>;",
          f".reg .b64 %vp, %ve, %va, %o64, %bpA, %bpB, %opA, %opB, %n4{xregs};"]
     o += [f"mov.f32 ${i}, 0f00000000;" for i in range(acc)]
