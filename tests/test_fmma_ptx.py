@@ -133,8 +133,6 @@ def test_fmma_under_pdl_waits_before_x_and_before_its_stores(x_shared, linear):
     """With programmatic dependent launch the program may start before the kernel that writes x has finished: it may
     load its words and stage its first values (weights) first, but must `griddepcontrol.wait` before it touches x,
     and on every path out (an empty split skips the loop) before Triton's stores."""
-    from flashllm_compile.codegen.kernels.fmma_ptx import fmma_ptx
-
     for warps, nt in ((2, 1), (4, 2), (2, 4)):
         lines = fmma_ptx(warps, nt, "float16", True, x_shared, linear, pdl=True).splitlines()
         waits = [i for i, line in enumerate(lines) if line == "griddepcontrol.wait;"]
