@@ -115,7 +115,8 @@ class BitmapWeight:
         if not weight.dtype.is_floating_point:
             raise ValueError(f"expected a floating-point weight, got {weight.dtype}")
         if tile_rows not in (0, TILE_ROWS, COMPILER_ORDER):
-            raise ValueError(f"tile_rows must be 0 (row-major) or {TILE_ROWS}, got {tile_rows}")
+            raise ValueError(f"tile_rows must be 0 (row-major), {TILE_ROWS} (tile-major) or COMPILER_ORDER (the "
+                             f"compiler's pick), got {tile_rows}")
         w = weight.detach()
         n, k = w.shape
         num_chunks = max(1, -(-k // chunk_k))
