@@ -271,3 +271,43 @@ def test_read_floor_kernel_reads_every_element_once():
     sums = read_floor.sum_tiles(src, out)
     expect = torch.stack([chunk.sum() for chunk in src.split(read_floor.READ_BLOCK)]).to(torch.int32)
     assert torch.equal(sums, expect) and (out[3:] == -1).all()
+
+
+def test_ceiling_entropy_bytes_is_values_plus_position_entropy():
+    """ceiling.entropy_bytes: 2 bytes a nonzero plus H(density) bits an element (1 bit at 50%, 0.469 at 90%); a
+    dense or empty weight has no position information to store."""
+    import ceiling
+
+    assert ceiling.entropy_bytes(64, 128, 0.5) == 64 * 128 * (1 + 1 / 8)
+    assert abs(ceiling.entropy_bytes(1000, 1000, 0.9) / 1e6 - (0.2 + 0.46900 / 8)) < 1e-4
+    assert ceiling.entropy_bytes(64, 128, 0.0) == 64 * 128 * 2 and ceiling.entropy_bytes(64, 128, 1.0) == 0
+
+
+def test_ceiling_floor_curve_interpolates_in_log_log(monkeypatch):
+    """ceiling.FloorCurve times its grid once and reads between grid points on straight log-log lines: exact for a
+    power law, between the neighbours otherwise, and extrapolated past the last point."""
+    import ceiling
+
+    timed = []
+
+    def power_law(nbytes):
+        timed.append(nbytes)
+        return 3.0 * nbytes ** 0.8, (2048, 4, False)
+
+    monkeypatch.setattr(ceiling, "stream_floor_us", power_law)
+    curve = ceiling.FloorCurve(4 << 20, 700 << 20)
+    assert timed == curve.sizes and curve.sizes[0] == 4 << 20 and curve.sizes[-1] >= 700 << 20
+    for nbytes in (4 << 20, 5_123_457, 99_999_999, 700 << 20, 900 << 20):
+        assert curve(nbytes) == pytest.approx(3.0 * nbytes ** 0.8, rel=1e-9)
+    assert len(timed) == len(curve.sizes)  # reading the curve times nothing more
+
+
+def test_ceiling_stream_kernel_reads_every_element_once():
+    """ceiling._stream without PDL (what the interpreter can run): each program sums its own tile."""
+    import ceiling
+
+    src = torch.randint(-50, 50, (2 * 2048 + 5,), dtype=torch.int32)
+    out = torch.full((4,), -1, dtype=torch.int32)
+    ceiling._stream[(3,)](src, out, src.numel(), BLOCK=2048, PDL=False)
+    expect = torch.stack([chunk.sum() for chunk in src.split(2048)]).to(torch.int32)
+    assert torch.equal(out[:3], expect) and out[3] == -1
