@@ -15,9 +15,10 @@ MMAs and stores cost nothing would measure.  Per format:
             an element for the positions (random unstructured sparsity), with no offsets or padding.
 The floor of a byte count is the fastest of a few read-only streaming kernels (tile sizes, warps, programmatic
 dependent launch on or off), each call after the same x-writing kernel, timed on a grid of byte counts and
-interpolated (FloorCurve).  Also: cuBLAS's own time over the read floor
-of the dense weight's bytes (how close the vendor's kernel, with no decode at all, comes to its floor).
-Writes ceiling.csv and floor_curve.csv under --out and prints, per sparsity, the geo-mean ceilings over shapes x M next to the targets.
+interpolated (FloorCurve).  Also: the read floor of the dense weight's bytes over cuBLAS's time (how close the
+vendor's kernel, with no decode at all, comes to its floor; H100: 84-87%, benchmarks/RESULTS.md, twenty-second
+session).  Writes ceiling.csv and floor_curve.csv under --out and prints, per sparsity, the geo-mean ceilings over
+shapes x M next to the targets.
 """
 
 from __future__ import annotations
