@@ -31,12 +31,10 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
 
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_kernels import SHAPES
-from read_floor import ROTATED_BYTES
+from read_floor import _sum_tiles, rotated_buffers
 from timing import ROTATIONS, csl_copies, gpu_info, graph_time_us, input_writer, pruned, write_csv
 
 from flashllm_compile.codegen.formats.bitmap import COMPILER_ORDER, BitmapWeight
@@ -45,24 +43,11 @@ TARGETS = {0.5: 1.3, 0.7: 2.0, 0.8: 2.8, 0.9: 4.5}  # issue 4: geo-mean over M =
 READERS = [(block, warps, pdl) for block in (2048, 8192) for warps in (4, 8) for pdl in (False, True)]
 
 
-@triton.jit
-def _stream(src, out, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """out[pid] = sum of src[pid * BLOCK: + BLOCK] (int32): one read of every element; with PDL the program reads
-    before it waits for the kernel before it (as our kernels read their weights) and only its store waits."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    total = tl.sum(tl.load(src + offs, mask=offs < n, other=0))
-    if PDL:
-        gdc_wait()
-    tl.store(out + tl.program_id(0), total)
-
-
 def stream_floor_us(nbytes: int) -> tuple[float, tuple]:
     """(us, reader) of the fastest reader (READERS: block, warps, pdl) of `nbytes` (rotated copies, so from HBM),
     each call after a kernel that writes a decode step's x."""
-    n = max(1, nbytes // 4)
-    copies = max(2, min(100, -(-ROTATED_BYTES // (4 * n))))
-    bufs = [torch.ones(n, dtype=torch.int32, device="cuda") for _ in range(copies)]
-    out = torch.empty(triton.cdiv(n, min(b for b, _, _ in READERS)), dtype=torch.int32, device="cuda")
+    bufs = rotated_buffers(nbytes)
+    out = torch.empty(triton.cdiv(bufs[0].numel(), min(b for b, _, _ in READERS)), dtype=torch.int32, device="cuda")
     writer = input_writer(torch.randn(1, 4096, device="cuda", dtype=torch.float16))
     best = min((graph_time_us(_reader_calls(bufs, out, *reader), before=writer), reader) for reader in READERS)
     del bufs
@@ -90,9 +75,9 @@ class FloorCurve:
 
 
 def _reader_calls(bufs: list[torch.Tensor], out: torch.Tensor, block: int, warps: int, pdl: bool) -> list:
-    """One streaming call per rotated buffer."""
+    """One streaming call (read_floor's kernel) per rotated buffer."""
     grid, options = (triton.cdiv(bufs[0].numel(), block),), {"launch_pdl": True} if pdl else {}
-    return [functools.partial(_stream[grid], b, out, b.numel(), BLOCK=block, PDL=pdl, num_warps=warps, **options)
+    return [functools.partial(_sum_tiles[grid], b, out, b.numel(), BLOCK=block, PDL=pdl, num_warps=warps, **options)
             for b in bufs]
 
 

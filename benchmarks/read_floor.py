@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from timing import graph_time_us
+from triton.language.extra.cuda import gdc_wait
 
 READ_BLOCK = 2048  # int32 a program reads (8 KB; 1 / 2 / 4 / 8 tiles a program measured within 1-4% of each other
 # from 16 MB up, 1 the fastest below)
@@ -22,11 +23,15 @@ ROTATED_BYTES = 400 << 20  # copies rotated so that every call reads from HBM (t
 
 
 @triton.jit
-def _sum_tiles(src, out, n, BLOCK: tl.constexpr):
+def _sum_tiles(src, out, n, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """out[pid] = the sum of src[pid * BLOCK: (pid + 1) * BLOCK] (int32): one read of every element, one store a
-    program."""
+    program.  With PDL (launched with programmatic dependent launch) the program reads before it waits for the kernel
+    before it, as our kernels read their weights, and only its store waits."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out + tl.program_id(0), tl.sum(tl.load(src + offs, mask=offs < n, other=0)))
+    total = tl.sum(tl.load(src + offs, mask=offs < n, other=0))
+    if PDL:
+        gdc_wait()
+    tl.store(out + tl.program_id(0), total)
 
 
 def sum_tiles(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -36,13 +41,18 @@ def sum_tiles(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out[:tiles]
 
 
+def rotated_buffers(nbytes: int) -> list[torch.Tensor]:
+    """Enough int32 copies of `nbytes` (at least 2, at most 100) that reading them in turn reads from HBM."""
+    n = max(1, nbytes // 4)
+    copies = max(2, min(100, -(-ROTATED_BYTES // (4 * n))))
+    return [torch.ones(n, dtype=torch.int32, device="cuda") for _ in range(copies)]
+
+
 @functools.cache
 def read_floor_us(nbytes: int) -> float:
     """Time (us) of one call that reads `nbytes` from HBM and writes next to nothing, CUDA graph back to back."""
-    n = max(1, nbytes // 4)
-    copies = max(2, min(100, -(-ROTATED_BYTES // (4 * n))))
-    bufs = [torch.ones(n, dtype=torch.int32, device="cuda") for _ in range(copies)]
-    out = torch.empty(triton.cdiv(n, READ_BLOCK), dtype=torch.int32, device="cuda")
+    bufs = rotated_buffers(nbytes)
+    out = torch.empty(triton.cdiv(bufs[0].numel(), READ_BLOCK), dtype=torch.int32, device="cuda")
     us = graph_time_us([lambda b=b: sum_tiles(b, out) for b in bufs])
     del bufs
     torch.cuda.empty_cache()

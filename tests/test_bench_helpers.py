@@ -303,11 +303,12 @@ def test_ceiling_floor_curve_interpolates_in_log_log(monkeypatch):
 
 
 def test_ceiling_stream_kernel_reads_every_element_once():
-    """ceiling._stream without PDL (what the interpreter can run): each program sums its own tile."""
+    """ceiling's readers (read_floor's kernel) without PDL (what the interpreter can run): each program sums its own
+    tile."""
     import ceiling
 
     src = torch.randint(-50, 50, (2 * 2048 + 5,), dtype=torch.int32)
     out = torch.full((4,), -1, dtype=torch.int32)
-    ceiling._stream[(3,)](src, out, src.numel(), BLOCK=2048, PDL=False)
+    ceiling._reader_calls([src], out, 2048, 4, False)[0]()
     expect = torch.stack([chunk.sum() for chunk in src.split(2048)]).to(torch.int32)
     assert torch.equal(out[:3], expect) and out[3] == -1
