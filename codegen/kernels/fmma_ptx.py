@@ -210,9 +210,9 @@ def _decode(row: str, s: int, a01: str, a23: str) -> list[str]:
     third only by the lanes whose values reach into them: a shared load costs a wavefront per bank conflict among its
     active lanes, and the lanes' addresses are random.  The first word is needed by 15 of 16 nibbles at 50%, so its
     predicate cost an instruction for nothing (1.014x without it); the other two are needed by 50% / 3% of them
-    (35% / 1% at 60%), and loading them in every lane measured 0.97x / 0.93x (RESULTS.md ideas 50, 57).  Then three permutes with the k-step's
-    selectors (_selectors): columns +0 / +1 from the window's first two values, the window shifted to the values of
-    columns +2 / +3, and those."""
+    (35% / 1% at 60%), and loading them in every lane measured 0.97x / 0.93x (RESULTS.md ideas 50, 57).  Then three
+    permutes with the k-step's selectors (_selectors): columns +0 / +1 from the window's first two values, the window
+    shifted to the values of columns +2 / +3, and those."""
     w, base, a, end = f"%cw{row}", f"%cb{row}", f"%a{row}", f"%end{row}"
     h, odd = s % 2, s // 2 % 2
     o = [f"mov.u32 {a}, {base};"] if s == 0 else []
