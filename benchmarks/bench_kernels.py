@@ -21,6 +21,7 @@ Writes bench_kernels.csv and bench_kernels.png under --out and prints a table (g
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import sys
@@ -43,6 +44,15 @@ SHAPES = {  # model -> {layer: (N, K)}
     "opt30b": {"qkv": (21504, 7168), "o": (7168, 7168), "fc1": (28672, 7168), "fc2": (7168, 28672)},
     "opt66b": {"qkv": (27648, 9216), "o": (9216, 9216), "fc1": (36864, 9216), "fc2": (9216, 36864)},
 }
+
+
+TEXT_COLUMNS = ("gpu", "torch", "triton", "model", "layer", "dtype", "kernel", "config")
+TARGETS = {0.5: 1.3, 0.7: 2.0, 0.8: 2.8, 0.9: 4.5}  # issue 4: geo-mean over the shapes and M = 1..64, fp16
+
+
+def geo(values) -> float:
+    values = list(values)
+    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def copy_bandwidth_gbps() -> float:
@@ -147,6 +157,48 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
+def print_tables(rows: list[dict]) -> None:
+    """The geo-mean tables of a run's rows (or of several runs' CSVs, --tables): per shape, per M, and issue 4's
+    table (one geo-mean a sparsity over every shape and M, next to its target)."""
+    print("geo-mean speedup of the best sparse kernel over cuBLAS (dispatched: dense where sparse loses)")
+    sparsities = sorted({r["sparsity"] for r in rows})
+    print(f"{'shape':<16}" + "".join(f"{s:>12.0%}" for s in sparsities))
+    for model, layer in dict.fromkeys((r["model"], r["layer"]) for r in rows):
+        cells = []
+        for s in sparsities:
+            sel = [r for r in rows if (r["model"], r["layer"], r["sparsity"]) == (model, layer, s)]
+            cells.append(f"{geo(r['speedup'] for r in sel):5.2f}/{geo(r['dispatched_speedup'] for r in sel):5.2f}")
+        print(f"{model + '.' + layer:<16}" + "".join(f"{c:>12}" for c in cells))
+    for key, what in (("dispatched_speedup", "in a decode step: each call after the kernel that writes x"),
+                      ("dispatched_speedup_b2b", "back to back: each call after the previous call")):
+        print(f"\n{'M':>4}" + "".join(f"{s:>8.0%}" for s in sparsities) + f"   (dispatched, geo-mean over shapes; {what})")
+        for m in sorted({r["m"] for r in rows}):
+            cells = [geo(r[key] for r in rows if r["m"] == m and r["sparsity"] == s) for s in sparsities]
+            print(f"{m:>4}" + "".join(f"{c:8.2f}" for c in cells))
+
+    # issue 4's table, next to the ratio of the dense weight's read floor to the format's (ceiling.py measures the
+    # ratio against cuBLAS itself)
+    print(f"\n{'sparsity':>8} {'ours':>6} {'target':>7} {'read-floor bound':>17}   (dispatched, in a decode step, "
+          f"geo-mean over {len({(r['model'], r['layer']) for r in rows})} shapes x M {sorted({r['m'] for r in rows})})")
+    for s in sparsities:
+        sel = [r for r in rows if r["sparsity"] == s]
+        print(f"{s:>8.0%} {geo(r['dispatched_speedup'] for r in sel):6.2f} {TARGETS.get(s, '-'):>7} "
+              f"{geo(r['read_floor_speedup'] for r in sel):17.2f}")
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    """Rows of bench_kernels.csv files (several runs: a run is cut at 10 minutes on the lent GPUs), numbers parsed."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if key not in TEXT_COLUMNS:
+                        row[key] = int(value) if key in ("n", "k", "m") else float(value)
+                rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["llama7b"], choices=SHAPES)
@@ -157,7 +209,12 @@ def main() -> None:
     parser.add_argument("--references", nargs="*", default=["csr", "2:4"], help="extra baselines: csr, 2:4")
     parser.add_argument("--tune-rep-ms", type=float, default=5, help="do_bench time per tuned config")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    parser.add_argument("--tables", nargs="+", metavar="CSV", help="print the tables of earlier runs' CSVs together "
+                        "(no GPU needed) instead of running")
     args = parser.parse_args()
+    if args.tables:
+        print_tables(read_rows(args.tables))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     autotune.TUNE_REP_MS = args.tune_rep_ms
@@ -182,26 +239,7 @@ def main() -> None:
     plot(rows, os.path.join(args.out, "bench_kernels.png"))
 
     print(f"\n{gpu_info()}, {args.dtype}, copy bandwidth {copy_gbps:.0f} GB/s")
-    print("geo-mean speedup of the best sparse kernel over cuBLAS (dispatched: dense where sparse loses)")
-    sparsities = sorted({r["sparsity"] for r in rows})
-    print(f"{'shape':<16}" + "".join(f"{s:>12.0%}" for s in sparsities))
-    for model, layer in dict.fromkeys((r["model"], r["layer"]) for r in rows):
-        cells = []
-        for s in sparsities:
-            sel = [r for r in rows if (r["model"], r["layer"], r["sparsity"]) == (model, layer, s)]
-            raw = math.exp(sum(math.log(r["speedup"]) for r in sel) / len(sel))
-            cells.append(f"{raw:5.2f}/{math.exp(sum(math.log(r['dispatched_speedup']) for r in sel) / len(sel)):5.2f}")
-        print(f"{model + '.' + layer:<16}" + "".join(f"{c:>12}" for c in cells))
-    for key, what in (("dispatched_speedup", "in a decode step: each call after the kernel that writes x"),
-                      ("dispatched_speedup_b2b", "back to back: each call after the previous call")):
-        print(f"\n{'M':>4}" + "".join(f"{s:>8.0%}" for s in sparsities) + f"   (dispatched, geo-mean over shapes; {what})")
-        for m in sorted({r["m"] for r in rows}):
-            cells = []
-            for s in sparsities:
-                sel = [r[key] for r in rows if r["m"] == m and r["sparsity"] == s]
-                cells.append(math.exp(sum(map(math.log, sel)) / len(sel)))
-            print(f"{m:>4}" + "".join(f"{c:8.2f}" for c in cells))
-
+    print_tables(rows)
 
 if __name__ == "__main__":
     main()

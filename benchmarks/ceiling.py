@@ -33,13 +33,12 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_kernels import SHAPES
+from bench_kernels import SHAPES, TARGETS, geo
 from read_floor import _sum_tiles, rotated_buffers
 from timing import ROTATIONS, csl_copies, gpu_info, graph_time_us, input_writer, pruned, write_csv
 
 from flashllm_compile.codegen.formats.bitmap import COMPILER_ORDER, BitmapWeight
 
-TARGETS = {0.5: 1.3, 0.7: 2.0, 0.8: 2.8, 0.9: 4.5}  # issue 4: geo-mean over M = 1..64, fp16
 READERS = [(block, warps, pdl) for block in (2048, 8192) for warps in (4, 8) for pdl in (False, True)]
 
 
@@ -116,11 +115,6 @@ def shape_rows(model: str, layer: str, n: int, k: int, sparsities, ms, floor: Fl
                             f"{name}_bytes_ratio": dense_bytes / nbytes, f"{name}_ceiling": cublas[m] / us})
             rows.append(row)
     return rows
-
-
-def geo(values) -> float:
-    values = list(values)
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def main() -> None:

@@ -312,3 +312,25 @@ def test_ceiling_stream_kernel_reads_every_element_once():
     ceiling._reader_calls([src], out, 2048, 4, False)[0]()
     expect = torch.stack([chunk.sum() for chunk in src.split(2048)]).to(torch.int32)
     assert torch.equal(out[:3], expect) and out[3] == -1
+
+
+def test_bench_tables_of_several_runs_give_issue_4s_geo_means(tmp_path, capsys):
+    """bench_kernels.py --tables: rows of two runs' CSVs (a long measurement is cut into runs of 10 minutes) are
+    read back with their numbers parsed and summarised together: issue 4's line a sparsity is the geo-mean over
+    every shape and M of both runs, next to its target."""
+    import bench_kernels
+    from timing import write_csv
+
+    def row(model, m, sparsity, speedup):
+        return {"gpu": "H100", "model": model, "layer": "qkv", "n": 64, "k": 128, "m": m, "sparsity": sparsity,
+                "kernel": "cmma", "config": "cmma[BN=32]", "speedup": speedup, "dispatched_speedup": max(speedup, 1.0),
+                "dispatched_speedup_b2b": 1.0, "read_floor_speedup": 2.0}
+
+    write_csv([row("llama7b", 1, 0.8, 2.0), row("llama7b", 64, 0.8, 0.5)], tmp_path / "a.csv")
+    write_csv([row("opt66b", 1, 0.8, 4.0), row("opt66b", 64, 0.8, 2.0)], tmp_path / "b.csv")
+    rows = bench_kernels.read_rows([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    assert len(rows) == 4 and rows[0]["m"] == 1 and rows[0]["speedup"] == 2.0 and rows[0]["config"] == "cmma[BN=32]"
+    bench_kernels.print_tables(rows)
+    issue_line = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("80%")][-1]
+    # dispatched: 2, 1 (dense where 0.5), 4, 2 -> geo-mean 2; target 2.8; read-floor bound 2
+    assert issue_line.split() == ["80%", "2.00", "2.8", "2.00"]
