@@ -51,8 +51,9 @@ TARGETS = {0.5: 1.3, 0.7: 2.0, 0.8: 2.8, 0.9: 4.5}  # issue 4: geo-mean over the
 
 
 def geo(values) -> float:
+    """Geometric mean; nan for no values (a cell a cut-off run did not reach)."""
     values = list(values)
-    return math.exp(sum(map(math.log, values)) / len(values))
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
 
 
 def copy_bandwidth_gbps() -> float:
