@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                       # LLaMA-7B shapes, M 1..64, sparsity 50..90%
     python benchmarks/bench_kernels.py --models llama70b opt66b --m 1 16 --sparsity 0.8
+    python benchmarks/bench_kernels.py --tables part1/bench_kernels.csv part2/bench_kernels.csv   # no GPU
 
 Per (shape, sparsity, M): the autotuner's best sparse kernel on the bitmap format (rowwalk / fmma / smma / mma /
 unpack) and, from 65% sparsity up to M = 64, on the Tiled-CSL format (cmma), the faster of the two as the product's
@@ -194,8 +195,8 @@ def read_rows(paths: list[str]) -> list[dict]:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 for key, value in row.items():
-                    if key not in TEXT_COLUMNS:
-                        row[key] = int(value) if key in ("n", "k", "m") else float(value)
+                    if key not in TEXT_COLUMNS:  # "" where a run did not time that column (a reference)
+                        row[key] = int(value) if key in ("n", "k", "m") else float(value) if value else math.nan
                 rows.append(row)
     return rows
 
@@ -241,6 +242,7 @@ def main() -> None:
 
     print(f"\n{gpu_info()}, {args.dtype}, copy bandwidth {copy_gbps:.0f} GB/s")
     print_tables(rows)
+
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ of benchmarks/profile_e2e.py, and the decode-step timing and rotated Tiled-CSL c
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 
@@ -326,12 +327,13 @@ def test_bench_tables_of_several_runs_give_issue_4s_geo_means(tmp_path, capsys):
                 "kernel": "cmma", "config": "cmma[BN=32]", "speedup": speedup, "dispatched_speedup": max(speedup, 1.0),
                 "dispatched_speedup_b2b": 1.0, "read_floor_speedup": 2.0}
 
-    write_csv([row("llama7b", 1, 0.8, 2.0), row("llama7b", 64, 0.8, 0.5)], tmp_path / "a.csv")
+    write_csv([row("llama7b", 1, 0.8, 2.0), {**row("llama7b", 64, 0.8, 0.5), "csr_us": 9.0}], tmp_path / "a.csv")
     # run b was cut off after one 90% point: cells it did not reach read nan instead of failing the summary
     write_csv([row("opt66b", 1, 0.8, 4.0), row("opt66b", 64, 0.8, 2.0), row("opt66b", 1, 0.9, 3.0)],
               tmp_path / "b.csv")
     rows = bench_kernels.read_rows([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
     assert len(rows) == 5 and rows[0]["m"] == 1 and rows[0]["speedup"] == 2.0 and rows[0]["config"] == "cmma[BN=32]"
+    assert rows[1]["csr_us"] == 9.0 and math.isnan(rows[0]["csr_us"])  # a column only one row of a run has
     bench_kernels.print_tables(rows)
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[-1] for line in out if line.startswith("llama7b.qkv")] == ["nan"]
